@@ -1,0 +1,1 @@
+"""stepserve: a fast, small inference server for StepFun vision-language models."""

@@ -1,0 +1,153 @@
+"""Causal self-attention over the paged KV cache: the one interface every decoder model is written against.
+
+The model runner fills a `ForwardContext` for each step and sets it with `forward_context(...)`; each
+`Attention` layer writes the step's new K/V into its pages (`slot_mapping`) and attends over the whole
+sequence (`block_tables`, `kv_lens`). A step is a flat batch of sequences, each contributing `q_len >= 1`
+new tokens (prefill chunks and decodes may be mixed). Models never see the scheduler.
+
+KV layout per layer: `kv_cache[0]` is K, `kv_cache[1]` is V, each [num_pages, page_size, num_kv_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ForwardContext:
+    cu_q_lens: torch.Tensor  # int32 [B+1]: offsets of each sequence's new tokens in the flat batch
+    kv_lens: torch.Tensor  # int32 [B]: tokens in the cache for each sequence after this step
+    block_tables: torch.Tensor  # int32 [B, max_pages]: page ids of each sequence (unused slots are 0)
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot (page * page_size + offset) of each new token
+    max_q_len: int
+    max_kv_len: int
+    # Host copies, so the reference path and metadata building never synchronize with the device.
+    q_lens_cpu: list[int]
+    kv_lens_cpu: list[int]
+    kv_scale: float = 1.0  # per-tensor scale of an fp8 KV cache (stored = value / scale)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_q_len == 1
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.q_lens_cpu)
+
+
+_CONTEXT: ForwardContext | None = None
+
+
+def get_forward_context() -> ForwardContext:
+    if _CONTEXT is None:
+        raise RuntimeError("no ForwardContext is set: run the model through the model runner or forward_context()")
+    return _CONTEXT
+
+
+@contextlib.contextmanager
+def forward_context(ctx: ForwardContext):
+    global _CONTEXT
+    prev, _CONTEXT = _CONTEXT, ctx
+    try:
+        yield ctx
+    finally:
+        _CONTEXT = prev
+
+
+def build_context(q_lens: list[int], kv_lens: list[int], block_tables: list[list[int]], page_size: int,
+                  device: torch.device | str = "cpu", kv_scale: float = 1.0) -> ForwardContext:
+    """Context for sequences whose last `q_lens[i]` of `kv_lens[i]` tokens are new this step."""
+    slots: list[int] = []
+    for q, kv, pages in zip(q_lens, kv_lens, block_tables):
+        for pos in range(kv - q, kv):
+            slots.append(pages[pos // page_size] * page_size + pos % page_size)
+    width = max((len(p) for p in block_tables), default=1) or 1
+    table = torch.zeros(len(block_tables), width, dtype=torch.int32)
+    for i, pages in enumerate(block_tables):
+        table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+    cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
+    return ForwardContext(
+        cu_q_lens=cu.to(device),
+        kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=device),
+        block_tables=table.to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        max_q_len=max(q_lens, default=0),
+        max_kv_len=max(kv_lens, default=0),
+        q_lens_cpu=list(q_lens),
+        kv_lens_cpu=list(kv_lens),
+        kv_scale=kv_scale,
+    )
+
+
+def store_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             scale: float = 1.0) -> None:
+    """Write new K/V rows [T, Hkv, D] into their cache slots."""
+    k_flat = kv_cache[0].view(-1, *kv_cache.shape[-2:])
+    v_flat = kv_cache[1].view(-1, *kv_cache.shape[-2:])
+    if scale != 1.0:
+        k, v = k / scale, v / scale
+    k_flat.index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    v_flat.index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, scale: float) -> torch.Tensor:
+    """Plain-torch attention of q [T, Hq, D] over each sequence's cached K/V (new tokens already stored).
+
+    Query token j of a sequence with q_len new tokens and kv_len cached sees keys 0 .. kv_len - q_len + j.
+    """
+    page_size = kv_cache.shape[2]
+    out = torch.empty_like(q)
+    start = 0
+    for i, (q_len, kv_len) in enumerate(zip(ctx.q_lens_cpu, ctx.kv_lens_cpu)):
+        n_pages = (kv_len + page_size - 1) // page_size
+        pages = ctx.block_tables[i, :n_pages].long()
+        k = kv_cache[0, pages].flatten(0, 1)[:kv_len].to(q.dtype) * ctx.kv_scale
+        v = kv_cache[1, pages].flatten(0, 1)[:kv_len].to(q.dtype) * ctx.kv_scale
+        qi = q[start : start + q_len]
+        rows = torch.arange(q_len, device=q.device)[:, None] + (kv_len - q_len)
+        mask = torch.arange(kv_len, device=q.device)[None, :] <= rows  # [q_len, kv_len]
+        # [H, q, D] x [Hkv, kv, D]: SDPA broadcasts the GQA groups with enable_gqa.
+        o = F.scaled_dot_product_attention(qi.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                           attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start : start + q_len] = o.transpose(0, 1)
+        start += q_len
+    return out
+
+
+class Attention(nn.Module):
+    """Paged causal attention. `kv_cache` is attached by the model runner before the first forward."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale if scale is not None else head_dim ** -0.5
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]."""
+        ctx = get_forward_context()
+        if self.kv_cache is None:
+            raise RuntimeError("Attention.kv_cache is not allocated")
+        store_kv(self.kv_cache, k, v, ctx.slot_mapping, ctx.kv_scale)
+        out = attention_backend()(q, self.kv_cache, ctx, self.scale)
+        return out.reshape(q.shape[0], -1)
+
+
+def attention_backend():
+    """The paged attention implementation for the current device: Triton on CUDA, the reference elsewhere."""
+    return _BACKEND or paged_attention_reference
+
+
+_BACKEND = None
+
+
+def set_attention_backend(fn) -> None:
+    """Install a faster paged attention (same signature as `paged_attention_reference`); None restores it."""
+    global _BACKEND
+    _BACKEND = fn
