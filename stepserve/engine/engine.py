@@ -1,0 +1,299 @@
+"""The engine loop and its two front doors: `Engine` (synchronous, for `LLM`) and `AsyncEngine` (the server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+
+from stepserve import loader
+from stepserve.config import EngineConfig
+from stepserve.engine.detokenizer import DetokenizeState
+from stepserve.engine.kv_cache import PagePool
+from stepserve.engine.model_runner import ModelRunner
+from stepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from stepserve.engine.request import Sequence, cache_keys, image_spans
+from stepserve.engine.sampling_params import SamplingParams
+from stepserve.engine.scheduler import Scheduler
+from stepserve.errors import InvalidRequestError
+from stepserve.multimodal.processor import ImageInput, ImageProcessor, ImageTokenIds, expand_prompt
+
+log = logging.getLogger(__name__)
+
+
+def _model_limits(model_dir: Path) -> tuple[int, list[int]]:
+    """(max positions, eos ids) from config.json / generation_config.json."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    eos = text.get("eos_token_id", cfg.get("eos_token_id"))
+    gen = model_dir / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id", eos)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return int(text.get("max_position_embeddings", 32768)), eos
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
+                                   else "cpu" if config.device == "auto" else config.device)
+        self.dtype = loader.resolve_dtype(config.dtype, self.device)
+        self.model_dir = loader.resolve_model_dir(config.model, config.revision)
+        self.model_name = config.model or self.model_dir.name
+        self.tokenizer = loader.load_tokenizer(Path(config.tokenizer) if config.tokenizer else self.model_dir)
+        self.chat_template = loader.load_chat_template(self.model_dir, config.chat_template)
+        max_pos, self.eos_ids = _model_limits(self.model_dir)
+        self.context_length = config.context_length or max_pos
+        self.token_ids = ImageTokenIds.from_tokenizer(self.tokenizer)
+        self.image_token_id = self.token_ids.im_patch
+        self.image_processor = ImageProcessor(self.token_ids)
+        start = time.perf_counter()
+        model = loader.load_model(self.model_dir, self.dtype, self.device, config.load_format, config.seed)
+        self.runner = ModelRunner(config, model, self.device, self.dtype, self.eos_ids)
+        self.pool = PagePool(self.runner.num_pages, config.page_size, not config.disable_radix_cache)
+        self.scheduler = Scheduler(self.pool, config.max_running_requests,
+                                   max(config.max_prefill_tokens, config.max_running_requests), config.chunked_prefill_size)
+        self.seqs: dict[str, list[Sequence]] = {}
+        self.prompts: dict[str, str | None] = {}
+        self.num_finished = 0
+        log.info("engine ready in %.1fs: %s on %s (%s), context %d, %d KV pages", time.perf_counter() - start,
+                 self.model_name, self.device, self.dtype, self.context_length, self.runner.num_pages)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def encode_prompt(self, text: str, images: list) -> tuple[list[int], list[ImageInput]]:
+        """Prompt text with one <im_patch> per image + PIL images -> expanded token ids and image inputs."""
+        inputs = [self.image_processor(im) for im in images]
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return expand_prompt(ids, inputs, self.image_token_id), inputs
+
+    def make_sequences(self, request_id: str, prompt_ids: list[int], images: list[ImageInput],
+                       params: SamplingParams) -> list[Sequence]:
+        """Validate a request and build its sequences (one per choice); touches no engine state."""
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if len(prompt_ids) >= self.context_length:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_ids)} tokens (images included) but the context length is "
+                f"{self.context_length}", param="messages")
+        room = self.context_length - len(prompt_ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise InvalidRequestError(
+                f"max_tokens ({params.max_tokens}) plus the prompt ({len(prompt_ids)} tokens) exceeds the context "
+                f"length ({self.context_length})", param="max_tokens")
+        if len(prompt_ids) + 1 > self.pool.num_pages * self.pool.page_size:
+            raise InvalidRequestError("the prompt does not fit in the KV cache", param="messages")
+        spans = image_spans(prompt_ids, images, self.image_token_id)
+        keys = cache_keys(prompt_ids, spans)
+        base = params.seed if params.seed is not None else random.getrandbits(62)
+        now = time.monotonic()
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(request_id, i, prompt_ids, params, seed=base + i, spans=spans, keys=keys, arrival=now)
+            seq.detok = DetokenizeState(self.tokenizer, prompt_ids, params)
+            seqs.append(seq)
+        return seqs
+
+    def add(self, request_id: str, seqs: list[Sequence], prompt: str | None = None) -> None:
+        if request_id in self.seqs:
+            raise InvalidRequestError(f"duplicate request id {request_id}", param="request_id")
+        self.seqs[request_id] = seqs
+        self.prompts[request_id] = prompt
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], images: list[ImageInput],
+                    params: SamplingParams, prompt: str | None = None) -> None:
+        self.add(request_id, self.make_sequences(request_id, prompt_ids, images, params), prompt)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seqs = self.seqs.get(request_id)
+        if seqs is None:
+            return None
+        for seq in seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+        return self._output(request_id, {})
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        result = self.runner.run(batch)
+        self.scheduler.after_step(batch)
+        deltas: dict[str, dict[int, tuple]] = {}
+        for j, (seq, token) in enumerate(zip(result.seqs, result.token_ids)):
+            deltas.setdefault(seq.request_id, {})[seq.index] = self._append(seq, token, result, j)
+        return [self._output(rid, d) for rid, d in deltas.items()]
+
+    def _append(self, seq: Sequence, token: int, result, j: int) -> tuple[str, list[int], list[Logprob]]:
+        """Record a sampled token, detokenize it, and finish the sequence if a stop condition holds."""
+        params = seq.params
+        seq.output_ids.append(token)
+        lp = None
+        if result.logprobs is not None and params.logprobs is not None:
+            lp = Logprob(token, result.logprobs[j], (result.top_logprobs[j][: params.logprobs]
+                                                      if result.top_logprobs else []))
+            seq.logprobs = (seq.logprobs or []) + [lp]
+        stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_ids)
+        text = ""
+        if stop_token and len(seq.output_ids) > params.min_tokens:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        else:
+            text, hit = seq.detok.update([token])
+            if hit is not None:
+                seq.finish_reason, seq.stop_reason = "stop", hit
+        if seq.finish_reason is None:
+            limit = params.max_tokens if params.max_tokens is not None else self.context_length
+            if len(seq.output_ids) >= limit or seq.num_tokens >= self.context_length:
+                seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            if seq.finish_reason == "length" or isinstance(seq.stop_reason, int):
+                text += seq.detok.flush()
+            self.scheduler.finish(seq)
+        seq.text += text
+        return text, [token], [lp] if lp else []
+
+    def _output(self, request_id: str, deltas: dict[int, tuple]) -> RequestOutput:
+        """The request's state, with each choice's (text, token ids, logprobs) added this step."""
+        seqs = self.seqs[request_id]
+        outs = []
+        for seq in seqs:
+            d_text, d_ids, d_lps = deltas.get(seq.index, ("", [], []))
+            outs.append(CompletionOutput(index=seq.index, text=seq.text, token_ids=seq.output_ids,
+                                         logprobs=seq.logprobs, finish_reason=seq.finish_reason,
+                                         stop_reason=seq.stop_reason, delta_text=d_text, delta_token_ids=d_ids,
+                                         delta_logprobs=d_lps))
+        first = seqs[0]
+        out = RequestOutput(request_id, self.prompts[request_id], first.prompt_ids, outs,
+                            num_cached_tokens=first.num_cached,
+                            num_image_tokens=sum(len(s.positions) for s in first.spans))
+        if out.finished:
+            del self.seqs[request_id], self.prompts[request_id]
+            self.num_finished += 1
+        return out
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_usage": self.pool.usage,
+            "num_kv_pages_free": self.pool.num_available,
+            "num_kv_pages_total": self.pool.num_pages,
+            "prefix_cache_hit_rate": self.pool.prefix_hit_rate,
+            "image_cache_hit_rate": self.runner.encoder_cache.hit_rate,
+            "num_encoded_images": self.runner.num_encoded_images,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+
+
+class AsyncEngine:
+    """Runs `Engine.step` in a background thread and streams each request's outputs to an asyncio queue."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.chat_template = engine.chat_template
+        self.image_token_id = engine.image_token_id
+        self.context_length = engine.context_length
+        self.model_name = engine.model_name
+        self.image_processor = engine.image_processor
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(Engine(config))
+
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="stepserve-engine", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+            self._thread = None
+
+    async def generate(self, prompt_token_ids: list[int], images: list[ImageInput], params: SamplingParams,
+                       request_id: str, prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+        seqs = self.engine.make_sequences(request_id, prompt_token_ids, images, params)  # raises before queueing
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._inbox.put(("add", request_id, seqs, prompt))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    # -- the engine thread ------------------------------------------------------------------------
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _drain(self, block: bool) -> None:
+        while True:
+            try:
+                cmd = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if cmd is None:
+                return
+            if cmd[0] == "add":
+                _, rid, seqs, prompt = cmd
+                try:
+                    self.engine.add(rid, seqs, prompt)
+                except Exception as e:  # duplicate ids and the like: fail this request only
+                    self._deliver(rid, e)
+            else:
+                self.engine.abort(cmd[1])
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain(block=not self.engine.has_work())
+            if not self.engine.has_work():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:
+                log.exception("engine step failed; failing the requests in flight")
+                for rid in list(self.engine.seqs):
+                    self.engine.abort(rid)
+                    self._deliver(rid, RuntimeError(f"engine step failed: {e}"))
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)

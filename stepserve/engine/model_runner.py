@@ -1,0 +1,173 @@
+"""Runs one scheduled batch: vision tower for new images, the decoder over the paged KV cache, the sampler."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from stepserve.config import EngineConfig
+from stepserve.engine.request import Sequence
+from stepserve.engine.sampling import Sampler, SamplingBatch
+from stepserve.engine.scheduler import ScheduledBatch
+from stepserve.layers.attention import ForwardContext, forward_context
+from stepserve.multimodal.encoder_cache import EncoderCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    seqs: list[Sequence]  # the sequences that sampled a token this step
+    token_ids: list[int]
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                 eos_ids: list[int]):
+        self.config, self.model, self.device, self.dtype = config, model, device, dtype
+        self.eos_ids = eos_ids
+        self.page_size = config.page_size
+        self.encoder_cache = EncoderCache(config.encoder_cache_size)
+        self.num_encoded_images = 0
+        self.sampler = Sampler()
+        self.num_pages = self._allocate_kv_cache()
+
+    # -- KV cache ---------------------------------------------------------------------------------
+    def _allocate_kv_cache(self) -> int:
+        layers = self.model.attention_layers()
+        heads, dim = layers[0].num_kv_heads, layers[0].head_dim
+        kv_dtype = torch.float8_e4m3fn if self.config.kv_cache_dtype.startswith("fp8") else self.dtype
+        page_bytes = 2 * len(layers) * self.page_size * heads * dim * torch.empty((), dtype=kv_dtype).element_size()
+        num_pages = self.config.num_kv_pages or self._default_num_pages(page_bytes)
+        if num_pages < 2:
+            raise RuntimeError(f"not enough memory for the KV cache ({num_pages} pages of {page_bytes} bytes)")
+        for layer in layers:
+            layer.kv_cache = torch.zeros(2, num_pages, self.page_size, heads, dim, dtype=kv_dtype, device=self.device)
+        log.info("KV cache: %d pages x %d tokens (%.2f GiB, %s)", num_pages, self.page_size,
+                 num_pages * page_bytes / 2**30, kv_dtype)
+        return num_pages
+
+    def _default_num_pages(self, page_bytes: int) -> int:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = total * self.config.mem_fraction_static - used
+            return int(budget // page_bytes)
+        # CPU: room for a few full contexts is plenty for the tiny model and tests.
+        return 4 * max(self.config.context_length or 0, 8192) // self.page_size
+
+    # -- one step ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        self.prefetch_images(batch)
+        ids, positions, mm_rows, mm_mask = [], [], [], []
+        for seq, n in zip(batch.seqs, batch.num_new):
+            start = seq.num_computed
+            ids.extend(seq.token_at(i) for i in range(start, start + n))
+            positions.extend(range(start, start + n))
+            if start < len(seq.prompt_ids) and seq.spans:
+                self._image_rows(seq, start, start + n, mm_rows, mm_mask)
+            else:
+                mm_mask.extend([False] * n)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        mm_embeds = torch.cat(mm_rows).to(self.device, self.dtype) if mm_rows else None
+        mask = torch.tensor(mm_mask, dtype=torch.bool, device=self.device) if mm_rows else None
+        ctx, cu = self._context(batch)
+        with forward_context(ctx):
+            hidden = self.model(input_ids, pos, mm_embeds, mask)
+        sampled = [i for i in range(len(batch)) if batch.samples(i)]
+        if not sampled:
+            return StepResult([], [], None, None)
+        last = torch.tensor([cu[i + 1] - 1 for i in sampled], device=self.device)
+        logits = self.model.compute_logits(hidden[last])
+        seqs = [batch.seqs[i] for i in sampled]
+        return self._sample(seqs, logits)
+
+    def _context(self, batch: ScheduledBatch) -> tuple[ForwardContext, list[int]]:
+        q_lens = list(batch.num_new)
+        kv_lens = [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)]
+        slots: list[int] = []
+        width = max(len(s.pages) for s in batch.seqs)
+        table = torch.zeros(len(batch), width, dtype=torch.int32)
+        for i, (seq, q, kv) in enumerate(zip(batch.seqs, q_lens, kv_lens)):
+            pages = seq.pages
+            table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+            ps = self.page_size
+            slots.extend(pages[p // ps] * ps + p % ps for p in range(kv - q, kv))
+        cu = [0]
+        for q in q_lens:
+            cu.append(cu[-1] + q)
+        ctx = ForwardContext(
+            cu_q_lens=torch.tensor(cu, dtype=torch.int32, device=self.device),
+            kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=self.device),
+            block_tables=table.to(self.device, non_blocking=True),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
+            max_q_len=max(q_lens), max_kv_len=max(kv_lens), q_lens_cpu=q_lens, kv_lens_cpu=kv_lens)
+        return ctx, cu
+
+    # -- images -----------------------------------------------------------------------------------
+    def _image_rows(self, seq: Sequence, start: int, end: int, rows: list, mask: list) -> None:
+        """Append the feature rows of every image position in [start, end) and the chunk's mask."""
+        chunk_mask = [False] * (end - start)
+        for k, span in enumerate(seq.spans):
+            if span.end <= start or span.start >= end:
+                continue
+            embeds = seq.image_embeds[k]  # filled by prefetch_images
+            sel = [r for r, p in enumerate(span.positions) if start <= p < end]
+            rows.append(embeds[sel[0] : sel[-1] + 1])
+            for r in sel:
+                chunk_mask[span.positions[r] - start] = True
+            if span.end <= end:
+                del seq.image_embeds[k]  # fully consumed by this chunk
+        mask.extend(chunk_mask)
+
+    def encode(self, images: list) -> list[torch.Tensor]:
+        """Vision tower + projector for a list of ImageInput, batched per resolution."""
+        pixel = torch.stack([im.pixel_values for im in images]).to(self.device, self.dtype)
+        crops = [im.patch_pixel_values for im in images if im.num_crops]
+        patches = torch.cat(crops).to(self.device, self.dtype) if crops else None
+        self.num_encoded_images += len(images)
+        return self.model.encode_images(pixel, patches, [im.num_crops for im in images])
+
+    def prefetch_images(self, batch: ScheduledBatch) -> None:
+        """Encode, in one batched pass, every not-yet-cached image this step's chunks touch."""
+        missing: dict[str, object] = {}  # image hash -> ImageInput, each distinct image once
+        waiting: list[tuple[Sequence, int]] = []
+        for seq, n in zip(batch.seqs, batch.num_new):
+            for k, span in enumerate(seq.spans):
+                overlaps = span.start < seq.num_computed + n and span.end > seq.num_computed
+                if not overlaps or k in seq.image_embeds:
+                    continue
+                emb = self.encoder_cache.get(span.image.hash)
+                if emb is None:
+                    missing.setdefault(span.image.hash, span.image)
+                    waiting.append((seq, k))
+                else:
+                    seq.image_embeds[k] = emb
+        if not missing:
+            return
+        fresh = dict(zip(missing, self.encode(list(missing.values()))))
+        for h, emb in fresh.items():
+            self.encoder_cache.put(h, emb)
+        for seq, k in waiting:
+            seq.image_embeds[k] = fresh[seq.spans[k].image.hash]
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> StepResult:
+        sb = SamplingBatch.build(
+            params=[s.params for s in seqs], seeds=[s.seed for s in seqs], steps=[len(s.output_ids) for s in seqs],
+            output_ids=[s.output_ids for s in seqs], prompt_ids=[s.prompt_ids for s in seqs],
+            vocab_size=logits.shape[-1], device=self.device, eos_ids=self.eos_ids)
+        res = self.sampler.sample(logits, sb)
+        token_ids = res.token_ids.tolist()
+        logprobs = res.logprobs.tolist() if res.logprobs is not None else None
+        top = None
+        if res.top_logprobs is not None:
+            vals, idx = (t.tolist() for t in res.top_logprobs)
+            top = [list(zip(i, v)) for i, v in zip(idx, vals)]
+        return StepResult(seqs, token_ids, logprobs, top)
