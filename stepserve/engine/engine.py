@@ -60,6 +60,10 @@ class Engine:
         model = loader.load_model(self.model_dir, self.dtype, self.device, config.load_format, config.seed)
         self.runner = ModelRunner(config, model, self.device, self.dtype, self.eos_ids)
         self.pool = PagePool(self.runner.num_pages, config.page_size, not config.disable_radix_cache)
+        pool_tokens = self.pool.num_pages * config.page_size
+        if pool_tokens < self.context_length:  # one sequence must always fit, or preemption cannot help it
+            log.warning("context length %d capped to the KV pool's %d tokens", self.context_length, pool_tokens)
+            self.context_length = pool_tokens
         self.scheduler = Scheduler(self.pool, config.max_running_requests,
                                    max(config.max_prefill_tokens, config.max_running_requests), config.chunked_prefill_size)
         self.seqs: dict[str, list[Sequence]] = {}
@@ -89,8 +93,6 @@ class Engine:
             raise InvalidRequestError(
                 f"max_tokens ({params.max_tokens}) plus the prompt ({len(prompt_ids)} tokens) exceeds the context "
                 f"length ({self.context_length})", param="max_tokens")
-        if len(prompt_ids) + 1 > self.pool.num_pages * self.pool.page_size:
-            raise InvalidRequestError("the prompt does not fit in the KV cache", param="messages")
         spans = image_spans(prompt_ids, images, self.image_token_id)
         keys = cache_keys(prompt_ids, spans)
         base = params.seed if params.seed is not None else random.getrandbits(62)

@@ -57,7 +57,6 @@ class PagePool:
         At least one token is always left to compute, since the last position's logits are needed.
         """
         assert not seq.pages and seq.num_computed == 0
-        self.queried_tokens += seq.num_tokens
         if not self.enable_prefix_cache:
             return 0
         parent, limit = 0, (seq.num_tokens - 1) // self.page_size
@@ -74,8 +73,11 @@ class PagePool:
             parent = h
         seq.num_hashed_pages = len(seq.pages)
         seq.num_computed = len(seq.pages) * self.page_size
-        self.hit_tokens += seq.num_computed
         return seq.num_computed
+
+    def record_lookup(self, hit_tokens: int, num_tokens: int) -> None:
+        self.hit_tokens += hit_tokens
+        self.queried_tokens += num_tokens
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         return self.pages_for(num_tokens) - len(seq.pages) <= self.num_available

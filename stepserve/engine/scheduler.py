@@ -87,13 +87,15 @@ class Scheduler:
             budget -= self._add_chunk(batch, seq, budget)
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            if not seq.pages:
-                seq.num_cached = self.pool.match_prefix(seq)
+            cached = self.pool.match_prefix(seq)
             took = self._add_chunk(batch, seq, budget)
             if took == 0:
+                self.pool.release(seq)  # a waiting sequence never holds pages
                 if not self.running and not batch.seqs:
                     raise RuntimeError("KV pool too small for a single chunk of one request")
                 break
+            seq.num_cached = cached
+            self.pool.record_lookup(cached, seq.num_tokens)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
