@@ -1,0 +1,37 @@
+"""RMSNorm as Qwen3 computes it: statistics in float32, cast back to the input dtype, then the weight."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stepserve.layers.dispatch import dispatched
+
+
+@dispatched
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalize over the last dim of `x` (any leading shape)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@dispatched
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): the residual stream of a pre-norm block in one pass."""
+    summed = x + residual
+    return rms_norm.reference(summed, weight, eps), summed
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """rms_norm(x), or with a residual the pair (rms_norm(x + residual), x + residual)."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)

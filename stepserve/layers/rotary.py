@@ -1,0 +1,40 @@
+"""1D rotary position embedding, NeoX layout (the head is split in two halves that rotate together)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stepserve.layers.dispatch import dispatched
+
+
+def rotary_cos_sin_cache(head_dim: int, max_positions: int, theta: float,
+                         device: torch.device | str | None = None) -> torch.Tensor:
+    """float32 [max_positions, head_dim]: cos of the head_dim/2 angles, then their sin."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+@dispatched
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hk, D] by the angles of `positions` [T] (computed in float32)."""
+    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_positions: int, theta: float):
+        super().__init__()
+        # Not persistent: derived from the config, never in a checkpoint.
+        self.register_buffer("cos_sin_cache", rotary_cos_sin_cache(head_dim, max_positions, theta),
+                             persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        return apply_rotary(q, k, positions, self.cos_sin_cache)

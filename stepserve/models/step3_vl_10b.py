@@ -1,0 +1,57 @@
+"""Step3-VL-10B: PE-lang vision tower -> linear projector -> Qwen3-8B decoder.
+
+Parameter names equal the checkpoint's (`model.*`, `lm_head.weight`, `vision_model.*`,
+`vit_large_projector.weight`) except the fused q/k/v and gate/up the decoder declares.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stepserve.layers.linear import Linear
+from stepserve.models.configs import Step3VLConfig
+from stepserve.models.perception_encoder import PerceptionEncoder
+from stepserve.models.qwen3 import Qwen3ForCausalLM, dtype_scope
+
+
+class Step3VL10BForCausalLM(Qwen3ForCausalLM):
+    config_class = Step3VLConfig
+
+    def __init__(self, config: Step3VLConfig, dtype: torch.dtype = torch.float32):
+        super().__init__(config.text, dtype)
+        self.config = config
+        self.image_token_id = config.image_token_id
+        with dtype_scope(dtype):
+            self.vision_model = PerceptionEncoder(config.vision)
+            self.vit_large_projector = Linear(config.vision.output_dim, config.text.hidden_size)
+
+    def get_input_embeddings(self, input_ids: torch.Tensor, mm_embeds: torch.Tensor | None = None,
+                             mm_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [T, H] with the rows where `mm_mask` is True replaced by `mm_embeds`, in order."""
+        embeds = self.model.embed_tokens(input_ids)
+        if mm_embeds is None:
+            return embeds
+        # masked_scatter fills in order without a host sync (boolean indexing would need one).
+        return embeds.masked_scatter(mm_mask.unsqueeze(-1), mm_embeds.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mm_embeds: torch.Tensor | None = None,
+                mm_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(positions, self.get_input_embeddings(input_ids, mm_embeds, mm_mask))
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vit_large_projector(self.vision_model(pixels))
+
+    def encode_images(self, pixel_values: torch.Tensor, patch_pixel_values: torch.Tensor | None,
+                      num_crops: list[int]) -> list[torch.Tensor]:
+        """Per image [81 * crops + 169, H]: its crops' rows in crop order, then the global view's rows.
+
+        The tower runs once over all global views and once over all crops (one batch per resolution).
+        """
+        if len(num_crops) != pixel_values.shape[0]:
+            raise ValueError(f"{pixel_values.shape[0]} global views but num_crops has {len(num_crops)} entries")
+        num_patches = 0 if patch_pixel_values is None else patch_pixel_values.shape[0]
+        if sum(num_crops) != num_patches:
+            raise ValueError(f"{num_patches} crops given but num_crops sums to {sum(num_crops)}")
+        views = self._image_features(pixel_values)
+        crops = self._image_features(patch_pixel_values).split(num_crops) if num_patches else [None] * len(num_crops)
+        return [view if crop is None else torch.cat([crop.flatten(0, 1), view]) for view, crop in zip(views, crops)]
