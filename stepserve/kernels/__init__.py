@@ -1,0 +1,36 @@
+"""Triton kernels for the decoder hot path; each matches a plain-torch reference in `stepserve.layers`.
+
+Importing this package needs triton. `install_triton_kernels()` routes the layer functions' CUDA calls
+(and paged attention) to these kernels; CPU tensors keep taking the references.
+"""
+
+from __future__ import annotations
+
+from stepserve.kernels.activation import silu_and_mul
+from stepserve.kernels.paged_attention import decode_attention, extend_attention, paged_attention
+from stepserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
+from stepserve.kernels.rotary import apply_rotary, qk_norm_rope
+
+# Layer function name (see stepserve.layers.dispatch) -> kernel with the same signature.
+LAYER_KERNELS = {
+    "rms_norm": rms_norm,
+    "fused_add_rms_norm": fused_add_rms_norm,
+    # In place, unlike the references: callers must not reuse q/k expecting the unrotated values.
+    "apply_rotary": apply_rotary,
+    "qk_norm_rope": qk_norm_rope,
+    "silu_and_mul": silu_and_mul,
+}
+
+
+def install_triton_kernels(enable: bool = True) -> None:
+    """Use the Triton kernels for CUDA tensors (or, with enable=False, go back to the references)."""
+    from stepserve.layers.attention import set_attention_backend
+    from stepserve.layers.dispatch import register_kernel
+
+    for name, fn in LAYER_KERNELS.items():
+        register_kernel(name, fn if enable else None)
+    set_attention_backend(paged_attention if enable else None)
+
+
+__all__ = ["apply_rotary", "decode_attention", "extend_attention", "fused_add_rms_norm", "install_triton_kernels",
+           "paged_attention", "qk_norm_rope", "rms_norm", "silu_and_mul", "LAYER_KERNELS"]

@@ -1,0 +1,268 @@
+"""Triton paged attention: a split-KV decode kernel and a flash-attention extend kernel over the page table.
+
+Both match `stepserve.layers.attention.paged_attention_reference` (the plain-torch reference) and read the
+KV cache layout [2, num_pages, page_size, num_kv_heads, head_dim] through `ctx.block_tables`. A program
+owns one kv head and the whole group of query heads that share it, so each K/V row is read once per group.
+An fp8 cache is read as stored and its per-tensor `ctx.kv_scale` is folded into the softmax scale (K) and
+the output (V): the same function as the reference, which scales K/V after loading.
+
+Decode (every sequence has one new token) is CUDA-graph capturable: the grid and scratch buffers depend
+only on the batch size and the number of KV splits, never on data; each sequence's keys are divided among
+the splits in-kernel from `kv_lens`, and splits with no keys write an empty partial that the reduce skips.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from stepserve.layers.attention import ForwardContext
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, keys, last_key, kv_end, dims, qk_scale,
+                  stride_kp, stride_ks, MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """One online-softmax step over the keys `keys`, with base-2 scores (qk_scale includes log2 e)."""
+    if MASKED:
+        key_ok = keys < kv_end
+        pages = tl.load(table_ptr + keys // PAGE_SIZE, mask=key_ok, other=0).to(tl.int64)
+    else:
+        pages = tl.load(table_ptr + keys // PAGE_SIZE).to(tl.int64)
+    rows = pages * stride_kp + (keys % PAGE_SIZE) * stride_ks
+    ptrs = rows[:, None] + dims[None, :]
+    if MASKED:
+        k = tl.load(k_ptr + ptrs, mask=key_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptr + ptrs)
+    s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+    if MASKED:
+        # last_key [rows]: the causal limit of each query row.
+        s = tl.where((keys[None, :] <= last_key[:, None]) & key_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptr + ptrs, mask=key_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptr + ptrs)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_range(q, k_ptr, v_ptr, table_ptr, start, full_end, end, last_key, dims, qk_scale,
+                  stride_kp, stride_ks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """Attend over keys [start, end): unmasked full blocks up to `full_end`, then masked blocks."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for n0 in range(start, full_end, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, keys, last_key, end, dims,
+                                      qk_scale, stride_kp, stride_ks, False, PAGE_SIZE)
+    for n0 in range(full_end, end, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, keys, last_key, end, dims,
+                                      qk_scale, stride_kp, stride_ks, True, PAGE_SIZE)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, kv_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+                   qk_scale, v_scale, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_bt,
+                   stride_ot, stride_oh,
+                   GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_len = tl.load(kv_lens_ptr + seq)
+    # Whole blocks per split, so only a sequence's very last block needs a mask.
+    chunk = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, kv_len)
+    full_end = tl.maximum(start, end - end % BLOCK_N)
+
+    rows = tl.arange(0, BLOCK_H)
+    row_ok = rows < GROUP
+    heads = kv_head * GROUP + rows
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    last_key = tl.full([BLOCK_H], kv_len - 1, tl.int32)
+    kv_off = kv_head * stride_kh
+    acc, m_i, l_i = _attend_range(q, k_ptr + kv_off, v_ptr + kv_off, table_ptr + seq * stride_bt,
+                                  start, full_end, end, last_key, dims, qk_scale, stride_kp, stride_ks,
+                                  BLOCK_H, BLOCK_N, HEAD_DIM, PAGE_SIZE)
+    # An empty split (or a padded sequence with kv_len 0) has l_i == 0: write 0 and lse = -inf.
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        part = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split  # [B, Hq, NUM_SPLITS]
+        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=row_ok)
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], o, mask=row_ok[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
+                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_POW2)
+    dims = tl.arange(0, HEAD_DIM)
+    base = (seq * tl.num_programs(1) + head) * NUM_SPLITS + splits
+    lse = tl.load(part_lse_ptr + base, mask=splits < NUM_SPLITS, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # every split empty: all weights 0, output 0
+    w = tl.exp2(lse - top)
+    o = tl.load(part_out_ptr + base[:, None] * HEAD_DIM + dims[None, :], mask=(splits < NUM_SPLITS)[:, None],
+                other=0.0)
+    total = tl.sum(w, 0)
+    o = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _extend_kernel(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_lens_ptr, kv_lens_ptr, out_ptr, num_seqs,
+                   qk_scale, v_scale, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_bt,
+                   stride_ot, stride_oh,
+                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   PAGE_SIZE: tl.constexpr, BLOCK_B: tl.constexpr):
+    TOKENS: tl.constexpr = BLOCK_M // GROUP  # query tokens per tile; a row is (token, head in group)
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    # Tiles are numbered over all sequences (no host list): find this tile's sequence by a prefix sum.
+    b = tl.arange(0, BLOCK_B)
+    lo = tl.load(cu_q_lens_ptr + b, mask=b < num_seqs, other=0)
+    hi = tl.load(cu_q_lens_ptr + b + 1, mask=b < num_seqs, other=0)
+    n_tiles = tl.cdiv(hi - lo, TOKENS)
+    tiles_end = tl.cumsum(n_tiles, 0)
+    seq = tl.sum((tiles_end <= tile).to(tl.int32), 0)
+    if seq < num_seqs:
+        seq_tiles = tl.sum(tl.where(b == seq, n_tiles, 0), 0)
+        local = tile - tl.sum(tl.where(b == seq, tiles_end, 0), 0) + seq_tiles
+        q_block = seq_tiles - 1 - local  # the costliest (last) tiles of a sequence start first
+        q_start = tl.load(cu_q_lens_ptr + seq)
+        q_len = tl.load(cu_q_lens_ptr + seq + 1) - q_start
+        kv_len = tl.load(kv_lens_ptr + seq)
+
+        r = tl.arange(0, BLOCK_M)
+        tok = q_block * TOKENS + r // GROUP
+        row_ok = (r < TOKENS * GROUP) & (tok < q_len)
+        heads = kv_head * GROUP + r % GROUP
+        dims = tl.arange(0, HEAD_DIM)
+        q_off = (q_start + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :]
+        q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
+    
+        first_tok = q_block * TOKENS
+        last_tok = tl.minimum(first_tok + TOKENS, q_len) - 1
+        last_key = kv_len - q_len + tok  # causal limit of each row
+        full_end = (kv_len - q_len + first_tok + 1) // BLOCK_N * BLOCK_N  # every row sees these keys
+        end = kv_len - q_len + last_tok + 1
+        kv_off = kv_head * stride_kh
+        acc, m_i, l_i = _attend_range(q, k_ptr + kv_off, v_ptr + kv_off, table_ptr + seq * stride_bt,
+                                      0, full_end, end, last_key, dims, qk_scale, stride_kp, stride_ks,
+                                      BLOCK_M, BLOCK_N, HEAD_DIM, PAGE_SIZE)
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale
+        out_off = (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _check(q: torch.Tensor, kv_cache: torch.Tensor) -> tuple[int, int, int]:
+    T, num_heads, head_dim = q.shape
+    _, _, page_size, num_kv_heads, kv_dim = kv_cache.shape
+    assert kv_dim == head_dim and num_heads % num_kv_heads == 0, (q.shape, kv_cache.shape)
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two >= 16"
+    assert q.stride(-1) == 1 and kv_cache.stride(-1) == 1, "q and kv_cache need a contiguous last dim"
+    return num_heads, num_kv_heads, page_size
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter has no SM count; use an H100's so CPU tests take the same paths
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, num_sms: int) -> int:
+    """KV splits per (sequence, kv head) so that a small batch still fills the chip.
+
+    Aims for about four programs per SM while giving each split at least 128 keys; 1 at large batch.
+    """
+    programs = batch * num_kv_heads
+    want = math.ceil(4 * num_sms / programs)
+    return max(1, min(want, math.ceil(max_kv_len / 128), 64))
+
+
+def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, scale: float, *,
+                     num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
+                     num_stages: int = 2) -> torch.Tensor:
+    """Attention of one new token per sequence (q [B, Hq, D]) over its cached keys, split-KV + reduce.
+
+    Launch sizes depend only on B and `num_splits` (from `ctx.max_kv_len` unless given), so a CUDA graph
+    captured for a batch size replays correctly for any kv_lens.
+    """
+    num_heads, num_kv_heads, page_size = _check(q, kv_cache)
+    batch, _, head_dim = q.shape
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        num_splits = default_num_splits(batch, num_kv_heads, ctx.max_kv_len, _num_sms(q.device))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_splits > 1:
+        part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
+    k, v = kv_cache[0], kv_cache[1]
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, k, v, ctx.block_tables, ctx.kv_lens, out, part_out, part_lse,
+        scale * ctx.kv_scale * _LOG2E, ctx.kv_scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), ctx.block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_N=block_n, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
+        num_warps=num_warps, num_stages=num_stages)
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits),
+            num_warps=4)
+    return out
+
+
+def extend_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, scale: float, *,
+                     block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
+    """Causal attention of q [T, Hq, D] (any mix of q_lens) over each sequence's cached keys."""
+    num_heads, num_kv_heads, page_size = _check(q, kv_cache)
+    T, _, head_dim = q.shape
+    group = num_heads // num_kv_heads
+    assert block_m >= group, "a tile must hold at least one token's whole query-head group"
+    batch = ctx.cu_q_lens.numel() - 1
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    tokens_per_tile = block_m // group
+    # Sum over sequences of ceil(q_len / tokens_per_tile) is at most this; extra programs exit at once.
+    max_tiles = triton.cdiv(T, tokens_per_tile) + batch
+    k, v = kv_cache[0], kv_cache[1]
+    _extend_kernel[(max_tiles, num_kv_heads)](
+        q, k, v, ctx.block_tables, ctx.cu_q_lens, ctx.kv_lens, out, batch,
+        scale * ctx.kv_scale * _LOG2E, ctx.kv_scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), ctx.block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
+        BLOCK_B=max(16, triton.next_power_of_2(batch)), num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, scale: float) -> torch.Tensor:
+    """Drop-in for `paged_attention_reference`: the decode kernel when every q_len is 1, else extend."""
+    if ctx.is_decode:
+        return decode_attention(q, kv_cache, ctx, scale)
+    return extend_attention(q, kv_cache, ctx, scale)

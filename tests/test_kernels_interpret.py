@@ -1,0 +1,196 @@
+"""The Triton kernels run under Triton's CPU interpreter on tiny shapes, against the plain-torch references.
+
+Two bugs of the triton 3.9 CPU interpreter (compiled GPU code has neither) shape these tests: it computes
+a bfloat16 `tl.dot` wrongly (off by ~1e10) and it rounds float32 -> bfloat16 toward zero instead of to
+nearest. So everything runs in float16 here (an fp8 cache is read into float16), where the interpreter
+rounds like torch; tests/gpu/test_kernels.py covers bfloat16 on the device.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from types import SimpleNamespace
+
+# triton decides interpreter-or-compiler when each @triton.jit function is defined, its own library
+# (tl.cdiv, tl.cumsum) included, so this must be set before triton is first imported.
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")  # lse of empty KV splits
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from stepserve.layers import activation as act_ref  # noqa: E402
+from stepserve.layers import norm as norm_ref  # noqa: E402
+from stepserve.layers import rotary as rope_ref  # noqa: E402
+from stepserve.layers.attention import build_context, paged_attention_reference  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def kern():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(triton.language.cdiv, InterpretedFunction):
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (by an earlier test module): "
+                    "run this file on its own, or set TRITON_INTERPRET=1 for the whole CPU test run")
+    # import_module: the package re-exports the function `paged_attention` under the module's name.
+    return SimpleNamespace(**{m: importlib.import_module(f"stepserve.kernels.{m}")
+                              for m in ("activation", "paged_attention", "rmsnorm", "rotary")})
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all()
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _paged_case(q_lens, kv_lens, *, num_heads=4, num_kv_heads=2, head_dim=32, page_size=4,
+                kv_dtype=torch.float16, kv_scale=1.0):
+    """Random q and a KV cache whose pages are shuffled, so a wrong page lookup cannot pass."""
+    pages_per_seq = [(kv + page_size - 1) // page_size for kv in kv_lens]
+    total = sum(pages_per_seq) + 2
+    perm = torch.randperm(total).tolist()
+    tables, i = [], 0
+    for n in pages_per_seq:
+        tables.append(perm[i:i + n])
+        i += n
+    kv_cache = (torch.randn(2, total, page_size, num_kv_heads, head_dim) / kv_scale).to(kv_dtype)
+    ctx = build_context(q_lens, kv_lens, tables, page_size, kv_scale=kv_scale)
+    q = torch.randn(sum(q_lens), num_heads, head_dim, dtype=torch.float16)
+    return q, kv_cache, ctx
+
+
+@pytest.mark.parametrize("kv_dtype,kv_scale", [(torch.float16, 1.0), (torch.float8_e4m3fn, 0.37)])
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+def test_decode_attention(kern, kv_dtype, kv_scale, num_splits):
+    q, kv_cache, ctx = _paged_case([1, 1, 1], [1, 13, 45], num_heads=6, num_kv_heads=2,
+                                   kv_dtype=kv_dtype, kv_scale=kv_scale)
+    ref = paged_attention_reference(q.float(), kv_cache, ctx, 0.25)
+    out = kern.paged_attention.decode_attention(q, kv_cache, ctx, 0.25, num_splits=num_splits, block_n=16)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert _rel_err(out, ref) < 2e-3
+
+
+def test_decode_padded_sequence_gives_zeros(kern):
+    """A CUDA-graph batch padded with kv_len 0 sequences must stay finite (all splits empty)."""
+    q, kv_cache, ctx = _paged_case([1, 1], [9, 1])
+    ctx.kv_lens[1] = 0
+    for splits in (1, 4):
+        out = kern.paged_attention.decode_attention(q, kv_cache, ctx, 0.2, num_splits=splits, block_n=16)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+@pytest.mark.parametrize("kv_dtype,kv_scale", [(torch.float16, 1.0), (torch.float8_e4m3fn, 2.0)])
+@pytest.mark.parametrize("num_heads,num_kv_heads,page_size", [(4, 2, 4), (6, 2, 8), (2, 2, 4)])
+def test_extend_attention(kern, kv_dtype, kv_scale, num_heads, num_kv_heads, page_size):
+    # A fresh prefill, a decode, a chunk after a cached prefix, and a chunk spanning several q tiles.
+    q_lens, kv_lens = [7, 1, 5, 19], [7, 10, 30, 40]
+    q, kv_cache, ctx = _paged_case(q_lens, kv_lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                   page_size=page_size, kv_dtype=kv_dtype, kv_scale=kv_scale)
+    ref = paged_attention_reference(q.float(), kv_cache, ctx, 0.2)
+    out = kern.paged_attention.extend_attention(q, kv_cache, ctx, 0.2, block_m=16, block_n=16)
+    assert _rel_err(out, ref) < 2e-3
+
+
+def test_paged_attention_dispatch_and_strided_q(kern):
+    for q_lens, kv_lens in (([1, 1], [20, 3]), ([3, 1], [20, 3])):
+        q, kv_cache, ctx = _paged_case(q_lens, kv_lens, page_size=16, head_dim=16)
+        # q as a slice of a fused qkv projection: rows are strided.
+        qkv = torch.randn(q.shape[0], 3 * q.shape[1] * q.shape[2], dtype=q.dtype)
+        q = qkv[:, : q.shape[1] * q.shape[2]].view(q.shape)
+        ref = paged_attention_reference(q.float(), kv_cache, ctx, 0.3)
+        assert _rel_err(kern.paged_attention.paged_attention(q, kv_cache, ctx, 0.3), ref) < 2e-3
+
+
+def test_default_num_splits():
+    from stepserve.kernels.paged_attention import default_num_splits
+
+    assert default_num_splits(256, 8, 8192, 132) == 1
+    assert default_num_splits(1, 8, 100, 132) == 1  # too few keys to split
+    assert 1 < default_num_splits(1, 8, 1536, 132) <= 12
+
+
+def _assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal up to one float16 rounding step (float32 sums and exp may differ in the last bit)."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2 ** -10, atol=1e-6)
+
+
+def test_rms_norm(kern):
+    x = torch.randn(5, 3 * 48, dtype=torch.float16)[:, 48:96]  # strided rows
+    w = torch.randn(48, dtype=torch.float16)
+    _assert_close(kern.rmsnorm.rms_norm(x, w, 1e-6), norm_ref.rms_norm.reference(x, w, 1e-6))
+    heads = torch.randn(3, 4 * 2 * 32, dtype=torch.float16)[:, : 4 * 32].view(3, 4, 32)  # q heads of a qkv
+    w = torch.randn(32, dtype=torch.float16)
+    _assert_close(kern.rmsnorm.rms_norm(heads, w, 1e-6), norm_ref.rms_norm.reference(heads, w, 1e-6))
+
+
+def test_fused_add_rms_norm(kern):
+    x = torch.randn(6, 100, dtype=torch.float16)
+    res = torch.randn(6, 200, dtype=torch.float16)[:, ::2].contiguous()
+    w = torch.randn(100, dtype=torch.float16)
+    y, s = kern.rmsnorm.fused_add_rms_norm(x, res, w, 1e-5)
+    y_ref, s_ref = norm_ref.fused_add_rms_norm.reference(x, res, w, 1e-5)
+    assert torch.equal(s, s_ref)
+    _assert_close(y, y_ref)
+
+
+def _rope_inputs(T=5, hq=4, hk=2, d=32):
+    qkv = torch.randn(T, (hq + 2 * hk) * d, dtype=torch.float16)
+    q = qkv[:, : hq * d].view(T, hq, d)
+    k = qkv[:, hq * d: (hq + hk) * d].view(T, hk, d)
+    cache = rope_ref.rotary_cos_sin_cache(d, 64, 10000.0)
+    positions = torch.randint(0, 64, (T,))
+    return qkv, q, k, positions, cache
+
+
+def test_apply_rotary_in_place(kern):
+    qkv, q, k, positions, cache = _rope_inputs()
+    v_before = qkv[:, 6 * 32:].clone()
+    q_ref, k_ref = rope_ref.apply_rotary.reference(q, k, positions, cache)
+    q_out, k_out = kern.rotary.apply_rotary(q, k, positions, cache)
+    assert q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr()
+    _assert_close(q, q_ref)
+    _assert_close(k, k_ref)
+    assert torch.equal(qkv[:, 6 * 32:], v_before)  # v untouched
+
+
+def test_qk_norm_rope(kern):
+    _, q, k, positions, cache = _rope_inputs(T=4, hq=6, hk=2, d=64)
+    qw, kw = torch.randn(64, dtype=torch.float16), torch.randn(64, dtype=torch.float16)
+    q_ref, k_ref = rope_ref.qk_norm_rope.reference(q, k, qw, kw, 1e-6, positions, cache)
+    kern.rotary.qk_norm_rope(q, k, qw, kw, 1e-6, positions, cache)
+    _assert_close(q, q_ref)
+    _assert_close(k, k_ref)
+
+
+def test_silu_and_mul(kern):
+    x = torch.randn(3, 2 * 2 * 40, dtype=torch.float16)[:, : 2 * 40] * 3  # strided rows, I not a power of 2
+    _assert_close(kern.activation.silu_and_mul(x), act_ref.silu_and_mul.reference(x))
+    x3 = torch.randn(2, 3, 64, dtype=torch.float16)
+    _assert_close(kern.activation.silu_and_mul(x3), act_ref.silu_and_mul.reference(x3))
+
+
+def test_install_registers_every_layer_function():
+    import stepserve.kernels as kernels
+    from stepserve.layers import attention, dispatch
+
+    layer_fns = {"rms_norm": norm_ref.rms_norm, "fused_add_rms_norm": norm_ref.fused_add_rms_norm,
+                 "apply_rotary": rope_ref.apply_rotary, "qk_norm_rope": rope_ref.qk_norm_rope,
+                 "silu_and_mul": act_ref.silu_and_mul}
+    assert set(kernels.LAYER_KERNELS) == set(layer_fns)
+    kernels.install_triton_kernels()
+    try:
+        assert all(dispatch._KERNELS[name] is kernels.LAYER_KERNELS[name] for name in layer_fns)
+        assert attention.attention_backend() is kernels.paged_attention
+        x = torch.randn(2, 8)
+        assert torch.equal(norm_ref.rms_norm(x, torch.ones(8), 1e-6),
+                           norm_ref.rms_norm.reference(x, torch.ones(8), 1e-6))  # CPU keeps the reference
+    finally:
+        kernels.install_triton_kernels(enable=False)
+    assert attention.attention_backend() is paged_attention_reference
+    assert not any(name in dispatch._KERNELS for name in layer_fns)
