@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from stepserve.layers.dispatch import dispatched
+from stepserve.layers.norm import rms_norm
 
 
 def rotary_cos_sin_cache(head_dim: int, max_positions: int, theta: float,
@@ -29,12 +30,21 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
+@dispatched
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                 positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head RMSNorm of q [T, Hq, D] and k [T, Hk, D] over D, then the rotation.
+
+    One fused kernel on GPU when registered; otherwise the two steps, each on its own kernel or reference.
+    """
+    return apply_rotary(rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), positions, cos_sin_cache)
+
+
 class RotaryEmbedding(nn.Module):
+    """Holds the cos/sin table, so `.to(device)` moves it with the model and layers can share it."""
+
     def __init__(self, head_dim: int, max_positions: int, theta: float):
         super().__init__()
         # Not persistent: derived from the config, never in a checkpoint.
         self.register_buffer("cos_sin_cache", rotary_cos_sin_cache(head_dim, max_positions, theta),
                              persistent=False)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        return apply_rotary(q, k, positions, self.cos_sin_cache)

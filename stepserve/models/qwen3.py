@@ -18,7 +18,7 @@ from stepserve.layers.activation import silu_and_mul
 from stepserve.layers.attention import Attention
 from stepserve.layers.linear import Linear, MergedLinear
 from stepserve.layers.norm import RMSNorm
-from stepserve.layers.rotary import RotaryEmbedding
+from stepserve.layers.rotary import RotaryEmbedding, qk_norm_rope
 from stepserve.models.configs import TextConfig
 
 
@@ -47,9 +47,9 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
-        q, k = self.rotary_emb(q, k, positions)
+        q, k = qk_norm_rope(q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim),
+                            self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions,
+                            self.rotary_emb.cos_sin_cache)
         return self.o_proj(self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim)))
 
 

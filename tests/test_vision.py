@@ -1,0 +1,179 @@
+"""The PE-lang tower, downsamplers and projector against a plain re-derivation of the published equations,
+and the merge of image rows into the token embeddings."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from stepserve.layers.attention import build_context, forward_context
+from stepserve.loader import load_model
+from stepserve.testing import attach_kv_cache
+
+# float32 everywhere; the reference differs only in summation order (explicit loops vs fused kernels).
+ATOL, RTOL = 1e-4, 1e-4
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(tiny_model_dir, torch.float32, "cpu")
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_model_dir):
+    state = {}
+    for shard in sorted(tiny_model_dir.glob("*.safetensors")):
+        state |= {k: v.float() for k, v in load_file(shard).items()}
+    return state
+
+
+@pytest.fixture(scope="module")
+def config(tiny_model_dir):
+    return json.loads((tiny_model_dir / "config.json").read_text())
+
+
+def layer_norm(x, w, b, eps):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * w + b
+
+
+def bilinear_matrix(src: int, dst: int) -> torch.Tensor:
+    """Rows of weights that resample `src` samples to `dst` (half-pixel centers, edge clamped, no antialias)."""
+    m = torch.zeros(dst, src)
+    for i in range(dst):
+        s = max((i + 0.5) * src / dst - 0.5, 0.0)
+        i0 = int(math.floor(s))
+        i1 = min(i0 + 1, src - 1)
+        m[i, i0] += 1 - (s - i0)
+        m[i, i1] += s - i0
+    return m
+
+
+def rope_2d(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, theta: float) -> torch.Tensor:
+    """x [N, D]: pair j of the first half turns by col * f_j, pair j of the second half by row * f_j."""
+    d = x.shape[1]
+    half = d // 2
+    out = x.clone()
+    for j in range(half // 2):
+        freq = theta ** (-2 * j / half)
+        for base, pos in ((0, cols), (half, rows)):
+            a, b = x[:, base + 2 * j], x[:, base + 2 * j + 1]
+            cos, sin = torch.cos(pos * freq), torch.sin(pos * freq)
+            out[:, base + 2 * j] = a * cos - b * sin
+            out[:, base + 2 * j + 1] = b * cos + a * sin
+    return out
+
+
+def reference_features(image: torch.Tensor, w: dict, cfg: dict) -> torch.Tensor:
+    """One normalized image [3, S, S] -> its projected rows [(S / 56)^2, hidden]."""
+    v = cfg["vision_config"]
+    p, width, heads, eps = v["patch_size"], v["width"], v["heads"], v["layer_norm_eps"]
+    hd, trained = width // heads, v["image_size"] // p
+    g = image.shape[-1] // p
+    patches = torch.stack([image[:, r * p:(r + 1) * p, c * p:(c + 1) * p].reshape(-1)
+                           for r in range(g) for c in range(g)])
+    x = patches @ w["vision_model.conv1.weight"].reshape(width, -1).T
+    pos = w["vision_model.positional_embedding"].reshape(trained, trained, width)
+    m = bilinear_matrix(trained, g)
+    x = x + torch.einsum("iy,jx,yxc->ijc", m, m, pos).reshape(g * g, width)
+    x = layer_norm(x, w["vision_model.ln_pre.weight"], w["vision_model.ln_pre.bias"], eps)
+    idx = torch.arange(g * g, dtype=torch.float32)
+    rows, cols = torch.div(idx, g, rounding_mode="floor"), idx % g
+    for i in range(v["layers"]):
+        b = lambda name: w[f"vision_model.transformer.resblocks.{i}.{name}"]  # noqa: E731
+        h = layer_norm(x, b("ln_1.weight"), b("ln_1.bias"), eps)
+        qkv = h @ b("attn.in_proj_weight").T + b("attn.in_proj_bias")
+        outs = []
+        for head in range(heads):
+            q, k, val = (qkv[:, part * width + head * hd: part * width + (head + 1) * hd] for part in range(3))
+            q, k = rope_2d(q, rows, cols, 10000.0), rope_2d(k, rows, cols, 10000.0)
+            outs.append(torch.softmax(q @ k.T / math.sqrt(hd), dim=-1) @ val)
+        attn = torch.cat(outs, dim=1) @ b("attn.out_proj.weight").T + b("attn.out_proj.bias")
+        x = x + b("ls_1.gamma") * attn
+        h = layer_norm(x, b("ln_2.weight"), b("ln_2.bias"), eps)
+        h = h @ b("mlp.c_fc.weight").T + b("mlp.c_fc.bias")
+        h = h * torch.sigmoid(1.702 * h)
+        x = x + b("ls_2.gamma") * (h @ b("mlp.c_proj.weight").T + b("mlp.c_proj.bias"))
+    grid = torch.zeros(width, g, g)
+    for r in range(g):
+        for c in range(g):
+            grid[:, r, c] = x[r * g + c]
+    y = F.conv2d(grid[None], w["vision_model.vit_downsampler1.weight"], w["vision_model.vit_downsampler1.bias"],
+                 stride=2, padding=1)
+    y = F.conv2d(y, w["vision_model.vit_downsampler2.weight"], w["vision_model.vit_downsampler2.bias"],
+                 stride=2, padding=1)[0]
+    n = y.shape[-1]
+    rows_out = torch.stack([y[:, r, c] for r in range(n) for c in range(n)])
+    return rows_out @ w["vit_large_projector.weight"].T
+
+
+def images(n: int, size: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_global_view_and_crop_match_reference(model, weights, config):
+    view, crop = images(1, 728, seed=0), images(1, 504, seed=1)
+    with torch.inference_mode():
+        (got,) = model.encode_images(view, crop, [1])
+    want_crop, want_view = reference_features(crop[0], weights, config), reference_features(view[0], weights, config)
+    assert got.shape == (81 + 169, config["text_config"]["hidden_size"])
+    assert want_view.std() > 0.1
+    torch.testing.assert_close(got[:81], want_crop, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got[81:], want_view, atol=ATOL, rtol=RTOL)
+
+
+def test_images_with_different_crop_counts_keep_their_order(model):
+    views, crops = images(3, 728, seed=2), images(3, 504, seed=3)
+    with torch.inference_mode():
+        got = model.encode_images(views, crops, [2, 0, 1])
+        one = lambda view, crop: model.encode_images(view[None], None if crop is None else crop[None], [int(crop is not None)])[0]  # noqa: E731
+        view_rows = [one(views[i], None) for i in range(3)]
+        crop_rows = [one(views[0], crops[j])[:81] for j in range(3)]
+    assert [t.shape[0] for t in got] == [2 * 81 + 169, 169, 81 + 169]
+    torch.testing.assert_close(got[0], torch.cat([crop_rows[0], crop_rows[1], view_rows[0]]), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got[1], view_rows[1], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got[2], torch.cat([crop_rows[2], view_rows[2]]), atol=ATOL, rtol=RTOL)
+
+
+def test_num_crops_must_match_the_tensors(model):
+    with pytest.raises(ValueError, match="num_crops"):
+        model.encode_images(images(1, 728, 0), images(2, 504, 0), [1])
+
+
+def test_image_rows_replace_the_image_tokens_in_order(model, tiny_model_dir):
+    from stepserve.loader import load_tokenizer
+
+    im = model.image_token_id
+    assert load_tokenizer(tiny_model_dir).convert_tokens_to_ids("<im_patch>") == im
+    # One image with two crops (layout as the processor expands it; the markers are ordinary tokens here).
+    ids = [11, 12] + ([3] + [im] * 81 + [4]) * 2 + [5] + [im] * 169 + [6] + [13, 14]
+    views, crops = images(1, 728, seed=4), images(2, 504, seed=5)
+    input_ids = torch.tensor(ids)
+    mask = input_ids == im
+    with torch.inference_mode():
+        (rows,) = model.encode_images(views, crops, [2])
+        embeds = model.get_input_embeddings(input_ids, rows, mask)
+        text = model.model.embed_tokens(input_ids)
+    k = 0
+    for t, token in enumerate(ids):
+        if token == im:
+            torch.testing.assert_close(embeds[t], rows[k], atol=0, rtol=0)
+            k += 1
+        else:
+            torch.testing.assert_close(embeds[t], text[t], atol=0, rtol=0)
+    assert k == rows.shape[0]
+    # forward() runs the decoder over exactly these embeddings.
+    attach_kv_cache(model, 128, 16)
+    positions = torch.arange(len(ids))
+    with torch.inference_mode():
+        with forward_context(build_context([len(ids)], [len(ids)], [list(range(1, 28))], 16)):
+            got = model(input_ids, positions, rows, mask)
+        with forward_context(build_context([len(ids)], [len(ids)], [list(range(30, 57))], 16)):
+            want = model.model(positions, embeds)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
