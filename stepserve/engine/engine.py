@@ -64,6 +64,7 @@ class Engine:
         if pool_tokens < self.context_length:  # one sequence must always fit, or preemption cannot help it
             log.warning("context length %d capped to the KV pool's %d tokens", self.context_length, pool_tokens)
             self.context_length = pool_tokens
+        self.runner.capture_graphs(self.context_length)
         self.scheduler = Scheduler(self.pool, config.max_running_requests,
                                    max(config.max_prefill_tokens, config.max_running_requests), config.chunked_prefill_size)
         self.seqs: dict[str, list[Sequence]] = {}

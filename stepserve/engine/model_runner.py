@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from stepserve.config import EngineConfig
+from stepserve.engine.cuda_graph import DecodeGraphs
 from stepserve.engine.request import Sequence
 from stepserve.engine.sampling import Sampler, SamplingBatch
 from stepserve.engine.scheduler import ScheduledBatch
@@ -35,6 +36,15 @@ class ModelRunner:
         self.num_encoded_images = 0
         self.sampler = Sampler()
         self.num_pages = self._allocate_kv_cache()
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_graphs(self, context_length: int) -> None:
+        if self.device.type != "cuda" or self.config.disable_cuda_graph:
+            return
+        max_pages = -(-context_length // self.page_size)
+        self.graphs = DecodeGraphs(self.model, min(self.config.cuda_graph_max_bs, self.config.max_running_requests),
+                                   max_pages, context_length, self.num_pages * self.page_size, self.device)
+        self.graphs.capture()
 
     # -- KV cache ---------------------------------------------------------------------------------
     def _allocate_kv_cache(self) -> int:
@@ -45,8 +55,9 @@ class ModelRunner:
         num_pages = self.config.num_kv_pages or self._default_num_pages(page_bytes)
         if num_pages < 2:
             raise RuntimeError(f"not enough memory for the KV cache ({num_pages} pages of {page_bytes} bytes)")
+        # One extra page past the pool: a scratch target for the K/V of CUDA-graph padding rows.
         for layer in layers:
-            layer.kv_cache = torch.zeros(2, num_pages, self.page_size, heads, dim, dtype=kv_dtype, device=self.device)
+            layer.kv_cache = torch.zeros(2, num_pages + 1, self.page_size, heads, dim, dtype=kv_dtype, device=self.device)
         log.info("KV cache: %d pages x %d tokens (%.2f GiB, %s)", num_pages, self.page_size,
                  num_pages * page_bytes / 2**30, kv_dtype)
         return num_pages
@@ -56,7 +67,7 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
             budget = total * self.config.mem_fraction_static - used
-            return int(budget // page_bytes)
+            return int(budget // page_bytes) - 1
         # CPU: room for a few full contexts is plenty for the tiny model and tests.
         return 4 * max(self.config.context_length or 0, 8192) // self.page_size
 
@@ -78,6 +89,9 @@ class ModelRunner:
         mm_embeds = torch.cat(mm_rows).to(self.device, self.dtype) if mm_rows else None
         mask = torch.tensor(mm_mask, dtype=torch.bool, device=self.device) if mm_rows else None
         ctx, cu = self._context(batch)
+        if batch.is_decode and not mm_rows and self.graphs is not None and self.graphs.can_run(len(batch)):
+            logits = self.graphs.run(input_ids, pos, ctx.slot_mapping, ctx.kv_lens, ctx.block_tables)
+            return self._sample(batch.seqs, logits)
         with forward_context(ctx):
             hidden = self.model(input_ids, pos, mm_embeds, mask)
         sampled = [i for i in range(len(batch)) if batch.samples(i)]

@@ -1,0 +1,133 @@
+"""The engine end to end on the tiny model: batching, prefix and image caching, chunking, preemption, abort."""
+
+import random
+
+import pytest
+from PIL import Image
+
+from stepserve import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def make_image(seed: int, size=(320, 200)) -> Image.Image:
+    rng = random.Random(seed)
+    img = Image.new("RGB", size)
+    img.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(size[0] * size[1])])
+    return img
+
+
+def make_prompts(n: int) -> list:
+    rng = random.Random(1)
+    words = "the a cat dog sees runs over under bright red blue green house tree river stone".split()
+    images = [make_image(i, size) for i, size in enumerate([(320, 200), (900, 500), (200, 640)])]
+    prompts = []
+    for i in range(n):
+        text = " ".join(rng.choice(words) for _ in range(rng.randrange(1, 60)))
+        if i % 4 == 0:
+            prompts.append({"prompt": f"<|im_start|>user\n<im_patch>{text}<|im_end|>\n", "images": [images[i % 3]]})
+        elif i % 4 == 1:
+            prompts.append({"prompt": f"<im_patch><im_patch> {text}", "images": [images[(i + 1) % 3], images[i % 3]]})
+        else:
+            prompts.append(text)
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(dtype="float64", chunked_prefill_size=0)
+
+
+def token_ids(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_batched_equals_alone(llm):
+    prompts = make_prompts(64)
+    batched = token_ids(llm.generate(prompts, GREEDY, use_tqdm=False))
+    assert all(len(t) == GREEDY.max_tokens for t in batched)
+    for i in range(0, 64, 5):
+        alone = token_ids(llm.generate([prompts[i]], GREEDY, use_tqdm=False))[0]
+        assert alone == batched[i], f"prompt {i} differs alone vs batched"
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(disable_radix_cache=True, chunked_prefill_size=0),
+    dict(chunked_prefill_size=37, max_prefill_tokens=64),
+    dict(num_kv_pages=96, page_size=16, max_running_requests=16, context_length=1536),  # forces preemption
+])
+def test_same_outputs_across_engine_settings(llm, kwargs):
+    prompts = make_prompts(24)
+    want = token_ids(llm.generate(prompts, GREEDY, use_tqdm=False))
+    other = LLM(dtype="float64", **kwargs)
+    got = token_ids(other.generate(prompts, GREEDY, use_tqdm=False))
+    assert got == want
+    stats = other.engine.stats()
+    assert stats["running"] == stats["waiting"] == 0
+    assert stats["num_kv_pages_free"] == stats["num_kv_pages_total"]
+    if "num_kv_pages" in kwargs:
+        assert stats["num_preemptions"] > 0
+
+
+def test_same_image_reuses_prefix_and_encoder_cache():
+    llm = LLM(dtype="float64")
+    image = make_image(7, (640, 480))
+    prompt = {"prompt": "<|im_start|>user\n<im_patch>describe<|im_end|>\n", "images": [image]}
+    first = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+    encoded = llm.engine.stats()["num_encoded_images"]
+    assert encoded == 1
+    # The same pixels as a fresh PIL object: keyed by content, not identity.
+    again = {"prompt": prompt["prompt"], "images": [image.copy()]}
+    second = llm.generate(again, GREEDY, use_tqdm=False)[0]
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    assert second.num_cached_tokens >= len(first.prompt_token_ids) - llm.engine.config.page_size
+    assert llm.engine.stats()["num_encoded_images"] == encoded  # vision tower did not run again
+    assert llm.engine.stats()["prefix_cache_hit_rate"] > 0.4
+    # A different image with the same text shares no image pages.
+    other = {"prompt": prompt["prompt"], "images": [make_image(8, (640, 480))]}
+    third = llm.generate(other, GREEDY, use_tqdm=False)[0]
+    assert third.num_cached_tokens < 16
+    assert llm.engine.stats()["num_encoded_images"] == encoded + 1
+
+
+def test_abort_returns_every_page():
+    llm = LLM(dtype="float32")
+    engine = llm.engine
+    params = SamplingParams(temperature=0.8, max_tokens=200, ignore_eos=True)
+    for i, p in enumerate(make_prompts(12)):
+        ids, images = (engine.encode_prompt(p["prompt"], p["images"]) if isinstance(p, dict)
+                       else engine.encode_prompt(p, []))
+        engine.add_request(f"r{i}", ids, images, params)
+    for _ in range(6):
+        engine.step()
+    assert engine.stats()["kv_usage"] > 0
+    for i in range(12):
+        engine.abort(f"r{i}")
+    assert not engine.has_work()
+    engine.pool.check_invariants()
+    assert engine.stats()["num_kv_pages_free"] == engine.stats()["num_kv_pages_total"]
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
+    prompts = make_prompts(16)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=1234, ignore_eos=True)
+    unseeded = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)
+    mixed = [seeded if i % 2 == 0 else unseeded for i in range(len(prompts))]
+    run1 = token_ids(llm.generate(prompts, mixed, use_tqdm=False))
+    run2 = token_ids(llm.generate(prompts[::-1], mixed[::-1], use_tqdm=False))[::-1]
+    for i in range(0, len(prompts), 2):
+        assert run1[i] == run2[i]
+        assert run1[i] == token_ids(llm.generate([prompts[i]], seeded, use_tqdm=False))[0]
+
+
+def test_n_choices_and_stop_conditions(llm):
+    out = llm.generate("the cat", SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    assert all(o.finish_reason == "length" for o in out.outputs)
+    greedy = llm.generate("the cat", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    first = greedy.outputs[0].token_ids[0]
+    stopped = llm.generate("the cat", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                     stop_token_ids=[first]), use_tqdm=False)[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == first and stopped.token_ids == [first]
