@@ -209,3 +209,41 @@ def test_sharegpt_file(tok_dir, tmp_path):
     path.write_text(json.dumps(data))
     reqs = datasets.sample_sharegpt_requests(str(path), 10, tok, seed=1)
     assert [(r.prompt, r.prompt_len, r.output_len) for r in reqs] == [("w1 w2 w3", 3, 2)]
+
+
+def test_tokenizer_from_the_served_model_dir(tmp_path, capsys):
+    """No --model/--tokenizer: the model named by /v1/models (here the built-in tiny checkpoint's directory)
+    is resolved through stepserve.loader for the tokenizer."""
+    from stepserve import loader
+    from stepserve.testing import tiny_checkpoint
+
+    model_dir = str(tiny_checkpoint())
+    tok = loader.load_tokenizer(model_dir)
+    with FakeOpenAIServer(model=model_dir) as server:
+        rc = main(["--port", str(server.port), "--dataset-name", "image", "--image-resolution", "32x48",
+                   "--image-count", "1", "--random-input-len", "12", "--random-output-len", "4",
+                   "--random-range-ratio", "1.0", "--num-prompts", "2", "--disable-tqdm",
+                   "--output-file", str(tmp_path / "t.jsonl")])
+        measured = server.requests[1:]
+    assert rc == 0
+    rows = report(capsys.readouterr().out)
+    assert rows["Successful requests:"] == "2"
+    # text tokens are counted with the model's chat template applied
+    texts = [b["messages"][0]["content"][1]["text"] for b in measured]
+    assert rows["Total input text tokens:"] == str(sum(datasets.chat_text_len(tok, t) for t in texts))
+    assert all(datasets.chat_text_len(tok, t) > len(tok.encode(t)) for t in texts)
+
+
+def test_disable_stream(tok_dir, tmp_path, capsys):
+    with FakeOpenAIServer(ttft_s=0.05) as server:
+        rc = main(["--backend", "vllm-chat", "--port", str(server.port), "--tokenizer", tok_dir,
+                   "--random-input-len", "8", "--random-output-len", "5", "--random-range-ratio", "1.0",
+                   "--num-prompts", "2", "--disable-stream", "--output-file", str(tmp_path / "n.jsonl"),
+                   "--disable-tqdm"])
+        measured = server.requests[1:]
+    assert rc == 0
+    rows = report(capsys.readouterr().out)
+    assert all(b["stream"] is False and "stream_options" not in b for b in measured)
+    assert rows["Total generated tokens:"] == "10" and rows["Total generated tokens (retokenized):"] == "10"
+    assert rows["Mean TTFT (ms):"] == rows["Mean E2E Latency (ms):"]     # one response: TTFT is the latency
+    assert rows["Mean ITL (ms):"] == "0.00"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import signal
@@ -67,19 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_tokenizer(tokenizer: str | None, model: str | None) -> Any:
-    from transformers import AutoTokenizer
+    """`--tokenizer`, else the model's: None is the built-in tiny model, a directory itself, a hub id downloaded
+    without its weights."""
+    from stepserve import loader
 
-    path = tokenizer
-    if path is None:
-        try:
-            from stepserve.loader import resolve_model_dir
-        except ImportError:
-            path = model
-        else:
-            path = str(resolve_model_dir(model))
-    if path is None:
-        raise SystemExit("no tokenizer: pass --tokenizer or --model")
-    return AutoTokenizer.from_pretrained(path)
+    path = tokenizer or loader.resolve_model_dir(model, download_weights=False)
+    return loader.load_tokenizer(path)
 
 
 def make_requests(args: argparse.Namespace, tokenizer: Any, rng: np.random.Generator) -> list[datasets.BenchRequest]:
@@ -111,11 +105,8 @@ class Runner:
 
     async def send(self, client, req: datasets.BenchRequest, output_len: int, sem: asyncio.Semaphore | None,
                    pbar: tqdm | None) -> RequestRecord:
-        if sem is None:
+        async with sem or contextlib.nullcontext():
             rec = await http.send_request(client, self.url, self.payload(req, output_len), self.chat, output_len)
-        else:
-            async with sem:
-                rec = await http.send_request(client, self.url, self.payload(req, output_len), self.chat, output_len)
         if pbar is not None:
             pbar.update(1)
         return rec
@@ -229,10 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.tokenizer, args.model or model)
 
     requests = make_requests(args, tokenizer, rng)
-    print(f"#Input tokens: {sum(r.prompt_len for r in requests)}")
-    print(f"#Output tokens: {sum(r.output_len for r in requests)}")
     if args.dataset_name == "image":
+        print(f"#Input text tokens: {sum(r.prompt_len for r in requests)} (vision tokens: counted by the server)")
         print(f"#Total images: {sum(len(r.image_data) for r in requests)}")
+    else:
+        print(f"#Input tokens: {sum(r.prompt_len for r in requests)}")
+    print(f"#Output tokens: {sum(r.output_len for r in requests)}")
 
     runner = Runner(args, url, model, rng)
     records, duration = asyncio.run(runner.run(requests))
