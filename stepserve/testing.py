@@ -52,12 +52,14 @@ def _step3_config(vision: dict, text: dict, ids: dict[str, int]) -> dict:
     }
 
 
-def real_config() -> dict:
-    """config.json of stepfun-ai/Step3-VL-10B (values from the reference sheet; used for dummy weights)."""
+def real_config(token_ids: dict[str, int] | None = None) -> dict:
+    """config.json of stepfun-ai/Step3-VL-10B (values from the reference sheet; used for dummy weights).
+
+    `token_ids` replaces the real special token ids (to pair the real sizes with another tokenizer)."""
     vision = {"width": 1536, "layers": 47, "heads": 16, "mlp_ratio": 8960 / 1536}
     text = {"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
             "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "max_window_layers": 36}
-    return _step3_config(vision, text, _REAL_TOKEN_IDS)
+    return _step3_config(vision, text, token_ids or _REAL_TOKEN_IDS)
 
 
 def checkpoint_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -209,28 +211,32 @@ def tiny_config(token_ids: dict[str, int], tokenizer_size: int) -> dict:
     return _step3_config(vision, text, token_ids)
 
 
-def _write_tiny(out: Path, shards: int) -> None:
-    from safetensors.torch import save_file
-
+def _write_tokenizer_files(out: Path) -> tuple[dict[str, int], int]:
+    """tokenizer.json, tokenizer_config.json and chat_template.jinja; returns the special ids and the size."""
     tok = _train_tokenizer()
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + MARKUP_TOKENS}
-    config = tiny_config(ids, tok.get_vocab_size())
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "generation_config.json").write_text(json.dumps(
-        {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "eos_token_id": config["text_config"]["eos_token_id"]},
-        indent=2))
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 65536, "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None, "unk_token": None,
     }, indent=2))
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    tensors = random_checkpoint(config)
-    names = list(tensors)
+    return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + MARKUP_TOKENS}, tok.get_vocab_size()
+
+
+def _write_configs(out: Path, config: dict) -> None:
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "eos_token_id": config["text_config"]["eos_token_id"]},
+        indent=2))
+
+
+def _write_weights(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    from safetensors.torch import save_file
+
     if shards == 1:
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         return
-    weight_map = {}
+    names, weight_map = list(tensors), {}
     for s in range(shards):
         fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         part = names[s * len(names) // shards: (s + 1) * len(names) // shards]
@@ -241,19 +247,15 @@ def _write_tiny(out: Path, shards: int) -> None:
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def tiny_checkpoint(path: str | Path | None = None, shards: int = 2) -> Path:
-    """The tiny checkpoint's directory, written on first use (to `path`, or a per-version user cache)."""
-    if path is None:
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stepserve"
-        path = cache / f"tiny-{TINY_VERSION}" if shards == 2 else cache / f"tiny-{TINY_VERSION}-{shards}shard"
-    path = Path(path)
+def _write_once(path: Path, write) -> Path:
+    """Run `write(tmp_dir)` and rename the result to `path`, unless `path` already holds a checkpoint."""
     if (path / "config.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename into place: concurrent writers never expose a half-written dir.
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
-        _write_tiny(tmp, shards)
+        write(tmp)
         os.rename(tmp, path)
     except OSError:
         if not (path / "config.json").exists():
@@ -261,6 +263,37 @@ def tiny_checkpoint(path: str | Path | None = None, shards: int = 2) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stepserve"
+
+
+def tiny_checkpoint(path: str | Path | None = None, shards: int = 2) -> Path:
+    """The tiny checkpoint's directory, written on first use (to `path`, or a per-version user cache)."""
+    if path is None:
+        path = _cache_dir() / (f"tiny-{TINY_VERSION}" if shards == 2 else f"tiny-{TINY_VERSION}-{shards}shard")
+
+    def write(out: Path) -> None:
+        ids, size = _write_tokenizer_files(out)
+        config = tiny_config(ids, size)
+        _write_configs(out, config)
+        _write_weights(out, random_checkpoint(config), shards)
+
+    return _write_once(Path(path), write)
+
+
+def real_dummy_checkpoint(path: str | Path | None = None) -> Path:
+    """A weightless directory for load_format="dummy" at the real size: the real config.json, with the token
+    ids of the tiny tokenizer (also written), so prompts, images and stop tokens work end to end."""
+    if path is None:
+        path = _cache_dir() / f"real-dummy-{TINY_VERSION}"
+
+    def write(out: Path) -> None:
+        ids, _ = _write_tokenizer_files(out)
+        _write_configs(out, real_config(ids))
+
+    return _write_once(Path(path), write)
 
 
 def attach_kv_cache(model: torch.nn.Module, num_pages: int, page_size: int,

@@ -172,12 +172,15 @@ def test_chat_template_turns_and_generation_prompt(tiny_model_dir):
 
 def test_chat_template_tools(tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir)
+    params = {"type": "object", "properties": {"city": {"type": "string"}}}
     tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+                                             "parameters": params}}
+    call = lambda i, args: {"id": f"call_{i}", "type": "function",  # noqa: E731
+                            "function": {"name": "get_weather", "arguments": args}}
     msgs = [{"role": "user", "content": "Weather in Paris and Rome?"},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-                {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+            # OpenAI clients send arguments as a JSON string; a dict must render the same way.
+            {"role": "assistant", "content": "",
+             "tool_calls": [call(1, '{"city": "Paris"}'), call(2, {"city": "Rome"})]},
             {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
             {"role": "tool", "tool_call_id": "call_2", "content": "25C"}]
     text = render(tok, msgs, tools=[tool], add_generation_prompt=True)
@@ -206,3 +209,18 @@ def test_chat_template_sources(tiny_model_dir, tmp_path):
     assert load_chat_template(tiny_model_dir, override_path=tmp_path / "mine.jinja") == "X"
     (tmp_path / "tokenizer_config.json").unlink()
     assert load_chat_template(tmp_path) is None
+
+
+def test_real_dummy_checkpoint_pairs_real_sizes_with_the_tiny_tokenizer(tmp_path):
+    from stepserve.models.configs import Step3VLConfig
+    from stepserve.testing import real_config, real_dummy_checkpoint
+
+    path = real_dummy_checkpoint(tmp_path / "real")
+    assert not list(path.glob("*.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+    tok = load_tokenizer(path)
+    assert config["image_token_id"] == tok.convert_tokens_to_ids("<im_patch>")
+    real = Step3VLConfig.from_dict(real_config())
+    assert Step3VLConfig.from_dict(config).text == real.text and real.image_token_id == 151679
+    sizes = (real.text.num_hidden_layers, real.text.hidden_size, real.vision.layers, real.vision.mlp_dim)
+    assert sizes == (36, 4096, 47, 8960)

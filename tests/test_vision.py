@@ -132,9 +132,8 @@ def test_images_with_different_crop_counts_keep_their_order(model):
     views, crops = images(3, 728, seed=2), images(3, 504, seed=3)
     with torch.inference_mode():
         got = model.encode_images(views, crops, [2, 0, 1])
-        one = lambda view, crop: model.encode_images(view[None], None if crop is None else crop[None], [int(crop is not None)])[0]  # noqa: E731
-        view_rows = [one(views[i], None) for i in range(3)]
-        crop_rows = [one(views[0], crops[j])[:81] for j in range(3)]
+        view_rows = [model.encode_images(views[i:i + 1], None, [0])[0] for i in range(3)]
+        crop_rows = [model.encode_images(views[:1], crops[j:j + 1], [1])[0][:81] for j in range(3)]
     assert [t.shape[0] for t in got] == [2 * 81 + 169, 169, 81 + 169]
     torch.testing.assert_close(got[0], torch.cat([crop_rows[0], crop_rows[1], view_rows[0]]), atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(got[1], view_rows[1], atol=ATOL, rtol=RTOL)

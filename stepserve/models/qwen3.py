@@ -36,7 +36,8 @@ def dtype_scope(dtype: torch.dtype):
 class Qwen3Attention(nn.Module):
     def __init__(self, cfg: TextConfig, rotary: RotaryEmbedding):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size])
         self.o_proj = Linear(self.q_size, cfg.hidden_size)
@@ -86,7 +87,8 @@ class Qwen3DecoderLayer(nn.Module):
 class Qwen3Model(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))  # no init pass
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -107,7 +109,8 @@ class Qwen3ForCausalLM(nn.Module):
     def __init__(self, config: TextConfig, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.text_config = config
-        self.num_layers, self.num_kv_heads, self.head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        self.num_layers, self.num_kv_heads = config.num_hidden_layers, config.num_key_value_heads
+        self.head_dim = config.head_dim
         self.hidden_size, self.vocab_size = config.hidden_size, config.vocab_size
         with dtype_scope(dtype):
             self.model = Qwen3Model(config)
