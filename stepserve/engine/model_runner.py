@@ -35,6 +35,10 @@ class ModelRunner:
         self.encoder_cache = EncoderCache(config.encoder_cache_size)
         self.num_encoded_images = 0
         self.sampler = Sampler()
+        if device.type == "cuda":
+            from stepserve.kernels import install_triton_kernels
+
+            install_triton_kernels()
         self.num_pages = self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
 
