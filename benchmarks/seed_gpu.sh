@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, kernel micro-benchmarks, the seed's two bench_serving commands against
+# `stepserve serve --load-format dummy` at Step3-VL-10B's real shapes, the transformers peer and the
+# vision tower micro-benchmark. Results land in $OUT (logs, JSONL, JSON) and a markdown table on stdout.
+#
+#   usage (on the device, repo root, with .whl carried):  bash benchmarks/seed_gpu.sh [STAGES]
+#   STAGES: comma list of tests,kernels,latency,throughput,peer,vision (default: all)
+#   NUM_PROMPTS_TP: prompts for the throughput run (default 1000)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STAGES=${1:-tests,kernels,latency,throughput,peer,vision}
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
+
+if has tests; then
+  python3 -m pytest tests/gpu -x -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+fi
+if has kernels; then
+  python3 benchmarks/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -30
+fi
+
+MODEL_DIR=/tmp/step3-vl-10b-dummy
+python3 -c "from stepserve.testing import real_dummy_checkpoint; real_dummy_checkpoint('$MODEL_DIR')"
+BENCH="python3 -m stepserve.bench_serving --backend sglang-oai-chat --host 127.0.0.1 --port 30000 \
+  --model stepfun-ai/Step3-VL-10B --tokenizer $MODEL_DIR --dataset-name image --image-count 2 \
+  --image-resolution 720p --random-input-len 128 --random-output-len 1024 --disable-tqdm"
+if has latency || has throughput; then
+  python3 -m stepserve.launch_server --model "$MODEL_DIR" --load-format dummy --served-model-name stepfun-ai/Step3-VL-10B \
+    --host 127.0.0.1 --port 30000 --context-length 32768 ${SERVER_FLAGS:-} > "$OUT/server.log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 300); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done
+  curl -sf localhost:30000/health >/dev/null || { echo "server did not start"; tail -50 "$OUT/server.log"; exit 1; }
+  grep -E "ready|KV cache|captured|loaded" "$OUT/server.log" | head
+  if has latency; then
+    $BENCH --num-prompts 10 --max-concurrency 1 --output-file "$OUT/bench.jsonl" 2>&1 | tee "$OUT/latency.txt"
+  fi
+  if has throughput; then
+    $BENCH --num-prompts "${NUM_PROMPTS_TP:-1000}" --max-concurrency 100 --output-file "$OUT/bench.jsonl" 2>&1 \
+      | tee "$OUT/throughput.txt"
+  fi
+  curl -s localhost:30000/metrics > "$OUT/metrics.txt"
+  kill -INT $SERVER; wait $SERVER
+fi
+if has peer; then
+  python3 benchmarks/transformers_peer.py 2>&1 | tee "$OUT/peer.txt" | tail -5
+fi
+if has vision; then
+  python3 benchmarks/vision_tower.py 2>&1 | tee "$OUT/vision.txt" | tail -10
+fi
