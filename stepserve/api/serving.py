@@ -266,11 +266,14 @@ class Serving:
 
         ids = self.engine.tokenizer.encode("ping", add_special_tokens=False)[:1] or [0]
         rid = P.new_id("health-")
+
+        async def one_token() -> None:
+            async for _ in self.engine.generate(ids, [], SamplingParams(max_tokens=1, temperature=0), rid):
+                pass
+
         try:
-            async with asyncio.timeout(60):
-                async for _ in self.engine.generate(ids, [], SamplingParams(max_tokens=1, temperature=0), rid):
-                    pass
-        except TimeoutError:
+            await asyncio.wait_for(one_token(), 60)
+        except asyncio.TimeoutError:
             self.engine.abort(rid)
             raise ServiceUnavailableError("the engine did not generate a token within 60 s") from None
 
