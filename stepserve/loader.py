@@ -38,9 +38,10 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.
 
 
 def resolve_model_dir(model: str | None, revision: str | None = None, download_weights: bool = True) -> Path:
-    """None -> the built-in tiny checkpoint; an existing directory -> itself; else a hub id, downloaded."""
-    if model is None:
-        from stepserve.testing import tiny_checkpoint
+    """None or "stepserve-tiny" -> the built-in tiny checkpoint; an existing directory -> itself; else a hub id."""
+    from stepserve.testing import TINY_MODEL_NAME, tiny_checkpoint
+
+    if model is None or model == TINY_MODEL_NAME:
         return tiny_checkpoint()
     path = Path(model).expanduser()
     if path.is_dir():

@@ -35,7 +35,7 @@ def make_prompts(n: int) -> list:
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(dtype="float64", chunked_prefill_size=0)
+    return LLM(dtype="float32", chunked_prefill_size=0)
 
 
 def token_ids(outputs):
@@ -59,7 +59,7 @@ def test_batched_equals_alone(llm):
 def test_same_outputs_across_engine_settings(llm, kwargs):
     prompts = make_prompts(24)
     want = token_ids(llm.generate(prompts, GREEDY, use_tqdm=False))
-    other = LLM(dtype="float64", **kwargs)
+    other = LLM(dtype="float32", **kwargs)
     got = token_ids(other.generate(prompts, GREEDY, use_tqdm=False))
     assert got == want
     stats = other.engine.stats()
@@ -70,7 +70,7 @@ def test_same_outputs_across_engine_settings(llm, kwargs):
 
 
 def test_same_image_reuses_prefix_and_encoder_cache():
-    llm = LLM(dtype="float64")
+    llm = LLM(dtype="float32")
     image = make_image(7, (640, 480))
     prompt = {"prompt": "<|im_start|>user\n<im_patch>describe<|im_end|>\n", "images": [image]}
     first = llm.generate(prompt, GREEDY, use_tqdm=False)[0]

@@ -25,6 +25,7 @@ from stepserve.engine.sampling_params import SamplingParams
 from stepserve.engine.scheduler import Scheduler
 from stepserve.errors import InvalidRequestError
 from stepserve.multimodal.processor import ImageInput, ImageProcessor, ImageTokenIds, expand_prompt
+from stepserve.testing import TINY_MODEL_NAME
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ class Engine:
         self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
                                    else "cpu" if config.device == "auto" else config.device)
         self.dtype = loader.resolve_dtype(config.dtype, self.device)
-        self.model_dir = loader.resolve_model_dir(config.model, config.revision)
-        self.model_name = config.model or self.model_dir.name
+        self.model_dir = loader.resolve_model_dir(config.model, config.revision,
+                                                  download_weights=config.load_format != "dummy")
+        self.model_name = config.model or TINY_MODEL_NAME
         self.tokenizer = loader.load_tokenizer(Path(config.tokenizer) if config.tokenizer else self.model_dir)
         self.chat_template = loader.load_chat_template(self.model_dir, config.chat_template)
         max_pos, self.eos_ids = _model_limits(self.model_dir)
