@@ -202,14 +202,14 @@ def _put(x: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> No
 
 
 class Sampler:
-    """Stateless; `sample` modifies `logits` in place (penalties, bans, temperature) to save [B, V] copies."""
+    """Stateless; `sample` overwrites `logits` (penalties, bans, then the sampling weights) to save [B, V] copies."""
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
         """Logprobs are of the distribution after penalties and min_tokens bans, before temperature and cuts."""
         if batch.penalties is not None:
             _apply_penalties(logits, batch.penalties)
         if batch.banned is not None:
-            logits.index_put_(batch.banned, torch.tensor(-math.inf, device=logits.device))
+            logits.index_put_(batch.banned, logits.new_full((), -math.inf))
         logp = torch.log_softmax(logits, dim=-1) if batch.num_logprobs is not None else None
         tokens = _argmax(logits) if batch.all_greedy else _draw(logits, batch)
         if logp is None:
@@ -242,14 +242,14 @@ def _draw(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     scaled = logits.div_(batch.temperature)
     row_max = scaled.amax(dim=-1, keepdim=True)
     cut = _cut_values(scaled, row_max, batch)
-    weights = torch.exp(scaled - row_max)
     if cut is not None:
-        weights.masked_fill_(scaled < cut, 0.0)
-    cdf = weights.cumsum_(dim=-1)
+        scaled.masked_fill_(scaled < cut, -math.inf)
+    cdf = scaled.sub_(row_max).exp_().cumsum_(dim=-1)  # in place: no [B, V] temporaries
     total = cdf[:, -1:]
     # u < 1, but u * total can round up to total; the clamp keeps the pick on a token of nonzero weight.
     target = torch.minimum(batch.uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
-    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    # clamped: NaN weights from a broken forward must not index past the vocabulary
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
     if greedy is not None:
         tokens.index_copy_(0, batch.greedy_rows, greedy)
     return tokens
