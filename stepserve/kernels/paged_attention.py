@@ -13,6 +13,7 @@ the splits in-kernel from `kv_lens`, and splits with no keys write an empty part
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -96,12 +97,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, kv_lens_ptr, out_ptr, part_ou
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
-    last_key = tl.full([BLOCK_H], kv_len - 1, tl.int32)
+    last_key = tl.zeros([BLOCK_H], tl.int32) + (kv_len - 1)
     kv_off = kv_head * stride_kh
     acc, m_i, l_i = _attend_range(q, k_ptr + kv_off, v_ptr + kv_off, table_ptr + seq * stride_bt,
                                   start, full_end, end, last_key, dims, qk_scale, stride_kp, stride_ks,
                                   BLOCK_H, BLOCK_N, HEAD_DIM, PAGE_SIZE)
-    # An empty split (or a padded sequence with kv_len 0) has l_i == 0: write 0 and lse = -inf.
+    # An empty split (or a padded sequence with kv_len 0) has l_i == 0: output 0, lse -inf.
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale
     if NUM_SPLITS == 1:
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
@@ -109,7 +110,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, kv_lens_ptr, out_ptr, part_ou
     else:
         part = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split  # [B, Hq, NUM_SPLITS]
         tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=row_ok)
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], o, mask=row_ok[:, None])
+        # An empty split's lse (-inf) tells the reduce to skip its output, so it need not be written.
+        written = rows < tl.where(end > start, GROUP, 0)
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], o, mask=written[:, None])
 
 
 @triton.jit
@@ -124,8 +127,8 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride
     top = tl.max(lse, 0)
     top = tl.where(top == float("-inf"), 0.0, top)  # every split empty: all weights 0, output 0
     w = tl.exp2(lse - top)
-    o = tl.load(part_out_ptr + base[:, None] * HEAD_DIM + dims[None, :], mask=(splits < NUM_SPLITS)[:, None],
-                other=0.0)
+    used = (splits < NUM_SPLITS) & (lse > float("-inf"))
+    o = tl.load(part_out_ptr + base[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0)
     total = tl.sum(w, 0)
     o = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
@@ -186,6 +189,7 @@ def _check(q: torch.Tensor, kv_cache: torch.Tensor) -> tuple[int, int, int]:
     return num_heads, num_kv_heads, page_size
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,0 +1,229 @@
+"""Times the Triton kernels at the seed's shapes (Qwen3-8B decoder, 2 x 720p images + 128 text tokens, so
+contexts of ~1.5k-2.5k) against their floors and the torch paths they replace.
+
+    python benchmarks/kernels.py            # table on stdout; JSON in $OUT/kernels.json when OUT is set
+    python benchmarks/kernels.py --quick    # no block-size sweeps
+
+Floors use the measured ceilings of docs/performance (3.0 TB/s copy, 782 TFLOP/s bf16): bytes are each
+input read once and each output written once. "cold" times are triton.testing.do_bench medians (L2 flushed
+before each call); "graph" times replay a CUDA graph of many calls over rotating input sets (> 4 x L2), as a
+decode step's graph runs them. Every variant is checked against the default before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from stepserve.kernels import (decode_attention, extend_attention, fused_add_rms_norm, qk_norm_rope, rms_norm,
+                               silu_and_mul)
+from stepserve.kernels.paged_attention import default_num_splits
+from stepserve.layers import activation as act_ref
+from stepserve.layers import norm as norm_ref
+from stepserve.layers import rotary as rope_ref
+from stepserve.layers.attention import build_context, paged_attention_reference
+
+BANDWIDTH, BF16_FLOPS = 3.0e12, 782e12
+HIDDEN, INTER, HQ, HKV, D, LAYERS = 4096, 12288, 32, 8, 128, 36
+SCALE = D ** -0.5
+DEV = "cuda"
+ROTATE_BYTES = 256 << 20
+
+
+def cold_us(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def graph_us(fns) -> float:
+    """Median per-call time of a CUDA graph that calls `fns` round robin (distinct inputs defeat the L2)."""
+    cycle = itertools.cycle(fns)
+    return triton.testing.do_bench_cudagraph(lambda: next(cycle)(), rep=100, return_mode="median") * 1e3
+
+
+def n_sets(bytes_per_call: float) -> int:
+    return max(1, min(64, math.ceil(ROTATE_BYTES / bytes_per_call)))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def paged_sets(q_lens, kv_lens, page_size, sets, kv_dtype=torch.bfloat16):
+    """One q and `sets` contexts over disjoint, shuffled pages of one cache."""
+    per_set = [(kv + page_size - 1) // page_size for kv in kv_lens]
+    total = sum(per_set) * sets
+    kv_cache = torch.randn(2, total, page_size, HKV, D, device=DEV).to(kv_dtype)
+    perm = torch.randperm(total).tolist()
+    ctxs, i = [], 0
+    for _ in range(sets):
+        tables = []
+        for n in per_set:
+            tables.append(perm[i:i + n])
+            i += n
+        ctxs.append(build_context(q_lens, kv_lens, tables, page_size, device=DEV,
+                                  kv_scale=0.05 if kv_dtype != torch.bfloat16 else 1.0))
+    q = torch.randn(sum(q_lens), HQ, D, device=DEV, dtype=torch.bfloat16)
+    return q, kv_cache, ctxs
+
+
+def row(results, kernel, shape, floor_us, t_cold, t_graph=None, base=None, base_name="", extra=None):
+    best = min(t for t in (t_cold, t_graph) if t is not None)
+    r = {"kernel": kernel, "shape": shape, "floor_us": floor_us, "cold_us": t_cold, "graph_us": t_graph,
+         "floor_frac": floor_us / best, "baseline": base_name, "baseline_us": base, **(extra or {})}
+    results.append(r)
+    g = f"{t_graph:9.1f}" if t_graph is not None else " " * 9
+    b = f"{base:9.1f} {base_name}" if base is not None else ""
+    print(f"{kernel:14s} {shape:34s} {floor_us:8.1f} {t_cold:9.1f} {g} {100 * r['floor_frac']:6.0f}%  {b}",
+          flush=True)
+
+
+def attn_bytes(q_tokens, kv_tokens, kv_elt):
+    return kv_tokens * HKV * D * 2 * kv_elt + 2 * q_tokens * HQ * D * 2
+
+
+def bench_decode(results, batch, kv_len, page_size, kv_dtype=torch.bfloat16, capture_len=None):
+    elt = torch.empty((), dtype=kv_dtype).element_size()
+    nbytes = attn_bytes(batch, batch * kv_len, elt)
+    q, kv_cache, ctxs = paged_sets([1] * batch, [kv_len] * batch, page_size, n_sets(nbytes), kv_dtype)
+    splits = None
+    if capture_len:  # what a CUDA graph captured for `capture_len` contexts runs
+        splits = default_num_splits(batch, HKV, capture_len, torch.cuda.get_device_properties(0).multi_processor_count)
+    out = decode_attention(q, kv_cache, ctxs[0], SCALE, num_splits=splits)
+    ref = paged_attention_reference(q.float(), kv_cache, ctxs[0], SCALE)
+    assert rel_err(out, ref) < 1e-2, rel_err(out, ref)
+    t_cold = cold_us(lambda: decode_attention(q, kv_cache, ctxs[0], SCALE, num_splits=splits))
+    t_graph = graph_us([lambda c=c: decode_attention(q, kv_cache, c, SCALE, num_splits=splits) for c in ctxs])
+    # The dense torch path: SDPA over contiguous [B, Hkv, L, D] K/V (no paging), GQA broadcast.
+    k = torch.randn(batch, HKV, kv_len, D, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    qd = q.view(batch, HQ, 1, D)
+    t_sdpa = cold_us(lambda: F.scaled_dot_product_attention(qd, k, v, scale=SCALE, enable_gqa=True))
+    name = f"b{batch} kv{kv_len} p{page_size}" + (" fp8" if elt == 1 else "") + (
+        f" splits@{capture_len}" if capture_len else "")
+    row(results, "decode", name, nbytes / BANDWIDTH * 1e6, t_cold, t_graph, t_sdpa, "dense SDPA",
+        {"GB/s": nbytes / (min(t_cold, t_graph) * 1e-6) / 1e9, "us_x36_layers": min(t_cold, t_graph) * LAYERS})
+
+
+def bench_extend(results, q_lens, kv_lens, page_size, label):
+    nbytes = attn_bytes(sum(q_lens), sum(kv_lens), 2)
+    visible = sum(q * (kv - q) + q * (q + 1) // 2 for q, kv in zip(q_lens, kv_lens))
+    flops = 4 * D * HQ * visible
+    q, kv_cache, ctxs = paged_sets(q_lens, kv_lens, page_size, 1)
+    ctx = ctxs[0]
+    out = extend_attention(q, kv_cache, ctx, SCALE)
+    ref = paged_attention_reference(q.float(), kv_cache, ctx, SCALE)
+    assert rel_err(out, ref) < 1e-2, rel_err(out, ref)
+    t = cold_us(lambda: extend_attention(q, kv_cache, ctx, SCALE))
+    base, base_name = None, ""
+    if all(a == b for a, b in zip(q_lens, kv_lens)) and len(set(q_lens)) == 1:  # fresh equal prefills
+        qd = torch.randn(len(q_lens), HQ, q_lens[0], D, device=DEV, dtype=torch.bfloat16)
+        kd = torch.randn(len(q_lens), HKV, q_lens[0], D, device=DEV, dtype=torch.bfloat16)
+        base = cold_us(lambda: F.scaled_dot_product_attention(qd, kd, kd, is_causal=True, scale=SCALE,
+                                                              enable_gqa=True))
+        base_name = "dense causal SDPA"
+    floor = max(flops / BF16_FLOPS, nbytes / BANDWIDTH) * 1e6
+    row(results, "extend", label, floor, t, None, base, base_name, {"TFLOP/s": flops / (t * 1e-6) / 1e12})
+
+
+def sweep(results, name, fn, default_out, grid):
+    """Time every config in `grid` (dicts of kwargs for fn); a config that fails or disagrees is recorded."""
+    for cfg in grid:
+        try:
+            out = fn(**cfg)
+            err = rel_err(out, default_out)
+            t = cold_us(lambda: fn(**cfg)) if err < 1e-2 else None
+        except Exception as e:  # e.g. out of shared memory for a large tile: record and go on
+            err, t = None, None
+            cfg = {**cfg, "error": str(e).splitlines()[0][:120]}
+        results.append({"kernel": name + " sweep", **cfg, "us": t, "rel_err_vs_default": err})
+        print(f"  {name} {cfg}: {t if t is None else round(t, 1)} us  err {err}", flush=True)
+
+
+def bench_elementwise(results):
+    for T in (1, 64, 256, 4096):
+        x = [torch.randn(T, HIDDEN, device=DEV, dtype=torch.bfloat16) for _ in range(n_sets(4 * T * HIDDEN))]
+        res = [torch.randn_like(a) for a in x]
+        w = torch.randn(HIDDEN, device=DEV, dtype=torch.bfloat16)
+        nbytes = 2 * T * HIDDEN * 2 + HIDDEN * 2
+        row(results, "rms_norm", f"T{T} H{HIDDEN}", nbytes / BANDWIDTH * 1e6, cold_us(lambda: rms_norm(x[0], w, 1e-6)),
+            graph_us([lambda a=a: rms_norm(a, w, 1e-6) for a in x]),
+            cold_us(lambda: norm_ref.rms_norm.reference(x[0], w, 1e-6)), "torch")
+        row(results, "add_rms_norm", f"T{T} H{HIDDEN}", 2 * nbytes / BANDWIDTH * 1e6,
+            cold_us(lambda: fused_add_rms_norm(x[0], res[0], w, 1e-6)),
+            graph_us([lambda a=a, r=r: fused_add_rms_norm(a, r, w, 1e-6) for a, r in zip(x, res)]),
+            cold_us(lambda: norm_ref.fused_add_rms_norm.reference(x[0], res[0], w, 1e-6)), "torch")
+
+        qkv = [torch.randn(T, (HQ + 2 * HKV) * D, device=DEV, dtype=torch.bfloat16) for _ in x]
+        qk = [(a[:, : HQ * D].view(T, HQ, D), a[:, HQ * D: (HQ + HKV) * D].view(T, HKV, D)) for a in qkv]
+        pos = torch.randint(0, 4096, (T,), device=DEV)
+        cache = rope_ref.rotary_cos_sin_cache(D, 40960, 1e6, device=DEV)
+        qw, kw = torch.randn(D, device=DEV, dtype=torch.bfloat16), torch.randn(D, device=DEV, dtype=torch.bfloat16)
+        nbytes = 2 * T * (HQ + HKV) * D * 2 + T * D * 4
+        row(results, "qk_norm_rope", f"T{T} {HQ}+{HKV} heads", nbytes / BANDWIDTH * 1e6,
+            cold_us(lambda: qk_norm_rope(*qk[0], qw, kw, 1e-6, pos, cache)),
+            graph_us([lambda p=p: qk_norm_rope(*p, qw, kw, 1e-6, pos, cache) for p in qk]),
+            cold_us(lambda: rope_ref.qk_norm_rope.reference(*qk[0], qw, kw, 1e-6, pos, cache)), "torch")
+
+        gu = [torch.randn(T, 2 * INTER, device=DEV, dtype=torch.bfloat16) for _ in range(n_sets(6 * T * INTER))]
+        nbytes = 3 * T * INTER * 2
+        row(results, "silu_and_mul", f"T{T} I{INTER}", nbytes / BANDWIDTH * 1e6, cold_us(lambda: silu_and_mul(gu[0])),
+            graph_us([lambda a=a: silu_and_mul(a) for a in gu]),
+            cold_us(lambda: act_ref.silu_and_mul.reference(gu[0])), "torch")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="skip the block-size sweeps")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    print(f"{'kernel':14s} {'shape':34s} {'floor us':>8s} {'cold us':>9s} {'graph us':>9s} {'floor%':>7s}  baseline us")
+    results: list[dict] = []
+
+    for batch, kv_len in ((1, 1536), (1, 8192), (16, 2048), (64, 2048), (100, 2560), (256, 2048)):
+        bench_decode(results, batch, kv_len, 16)
+    bench_decode(results, 1, 1536, 16, capture_len=32768)
+    bench_decode(results, 64, 2048, 64)
+    bench_decode(results, 64, 2048, 16, kv_dtype=torch.float8_e4m3fn)
+
+    bench_extend(results, [1536], [1536], 16, "prefill 1x1536")
+    bench_extend(results, [8192], [8192], 16, "prefill 1x8192")
+    bench_extend(results, [1536] * 4, [1536] * 4, 16, "prefill 4x1536")
+    bench_extend(results, [2048], [6144], 16, "chunk 2048 after 4096 cached")
+    bench_extend(results, [1536] + [1] * 99, [1536] + [2048] * 99, 16, "1 prefill 1536 + 99 decodes kv2k")
+
+    bench_elementwise(results)
+
+    if not args.quick:
+        for batch, kv_len in ((1, 1536), (64, 2048)):
+            q, kv_cache, ctxs = paged_sets([1] * batch, [kv_len] * batch, 16, 1)
+            fn = lambda c=ctxs[0], **kw: decode_attention(q, kv_cache, c, SCALE, **kw)  # noqa: E731
+            default = fn()
+            grid = [dict(block_n=bn, num_warps=w, num_stages=s) for bn in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)]
+            grid += [dict(num_splits=n) for n in (1, 2, 4, 8, 16, 32, 64)]
+            sweep(results, f"decode b{batch} kv{kv_len}", fn, default, grid)
+        for q_lens, kv_lens, label in (([8192], [8192], "prefill 1x8192"),
+                                       ([1536] + [1] * 99, [1536] + [2048] * 99, "1x1536 + 99 decodes")):
+            q, kv_cache, ctxs = paged_sets(q_lens, kv_lens, 16, 1)
+            fn = lambda c=ctxs[0], **kw: extend_attention(q, kv_cache, c, SCALE, **kw)  # noqa: E731
+            default = fn()
+            grid = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s)
+                    for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for s in (2, 3)]
+            sweep(results, f"extend {label}", fn, default, grid)
+
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "kernels.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
