@@ -189,6 +189,12 @@ def _check(q: torch.Tensor, kv_cache: torch.Tensor) -> tuple[int, int, int]:
     return num_heads, num_kv_heads, page_size
 
 
+def _check_ctx(ctx: ForwardContext) -> None:
+    for name in ("block_tables", "kv_lens", "cu_q_lens"):
+        t = getattr(ctx, name)
+        assert t.dtype == torch.int32 and t.stride(-1) == 1, f"ctx.{name} must be int32 with a contiguous last dim"
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -215,6 +221,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
     captured for a batch size replays correctly for any kv_lens.
     """
     num_heads, num_kv_heads, page_size = _check(q, kv_cache)
+    _check_ctx(ctx)
     batch, _, head_dim = q.shape
     group = num_heads // num_kv_heads
     if num_splits is None:
@@ -246,6 +253,7 @@ def extend_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
                      block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] (any mix of q_lens) over each sequence's cached keys."""
     num_heads, num_kv_heads, page_size = _check(q, kv_cache)
+    _check_ctx(ctx)
     T, _, head_dim = q.shape
     group = num_heads // num_kv_heads
     assert block_m >= group, "a tile must hold at least one token's whole query-head group"

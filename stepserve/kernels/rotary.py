@@ -57,6 +57,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_c
     assert head_dim % 2 == 0 and cos_sin_cache.shape[-1] == head_dim, (head_dim, cos_sin_cache.shape)
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin_cache.stride(-1) == 1, "need a contiguous last dim"
     assert cos_sin_cache.dtype == torch.float32, cos_sin_cache.dtype
+    assert positions.stride(0) == 1, "positions must be contiguous"
     if T == 0:
         return
     norm = q_weight is not None
