@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
 
 if has tests; then
-  python3 -m pytest tests/gpu -x -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+  python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
 fi
 if has kernels; then
   python3 benchmarks/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -30
