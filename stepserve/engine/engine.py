@@ -60,7 +60,7 @@ class Engine:
         self.image_processor = ImageProcessor(self.token_ids)
         start = time.perf_counter()
         model = loader.load_model(self.model_dir, self.dtype, self.device, config.load_format, config.seed)
-        self.runner = ModelRunner(config, model, self.device, self.dtype, self.eos_ids)
+        self.runner = ModelRunner(config, model, self.device, self.dtype, self.eos_ids, len(self.tokenizer))
         self.pool = PagePool(self.runner.num_pages, config.page_size, not config.disable_radix_cache)
         pool_tokens = self.pool.num_pages * config.page_size
         if pool_tokens < self.context_length:  # one sequence must always fit, or preemption cannot help it

@@ -28,9 +28,10 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-                 eos_ids: list[int]):
+                 eos_ids: list[int], num_tokens: int):
         self.config, self.model, self.device, self.dtype = config, model, device, dtype
         self.eos_ids = eos_ids
+        self.num_tokens = num_tokens  # ids at or past this are padded vocabulary rows: never sampled
         self.page_size = config.page_size
         self.encoder_cache = EncoderCache(config.encoder_cache_size)
         self.num_encoded_images = 0
@@ -177,6 +178,8 @@ class ModelRunner:
 
     # -- sampling ---------------------------------------------------------------------------------
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> StepResult:
+        if self.num_tokens < logits.shape[-1]:
+            logits[:, self.num_tokens :] = float("-inf")
         sb = SamplingBatch.build(
             params=[s.params for s in seqs], seeds=[s.seed for s in seqs], steps=[len(s.output_ids) for s in seqs],
             output_ids=[s.output_ids for s in seqs], prompt_ids=[s.prompt_ids for s in seqs],

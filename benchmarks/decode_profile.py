@@ -1,0 +1,88 @@
+"""Where a decode step's time goes, at real size with dummy weights: GPU graph replay vs the engine's host work.
+
+    python benchmarks/decode_profile.py [--batch 1,64] [--prompt 1412]
+
+For each batch size: the CUDA-graph replay alone (events, median), then engine.step() wall time split into
+schedule / model runner (incl. the sampled ids' device->host copy) / token bookkeeping + detokenization.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from stepserve.config import EngineConfig
+from stepserve.engine.engine import Engine
+from stepserve.engine.sampling_params import SamplingParams
+from stepserve.testing import real_dummy_checkpoint
+
+
+def replay_ms(engine: Engine, bs: int) -> float:
+    graphs = engine.runner.graphs
+    padded = next(s for s in graphs.sizes if s >= bs)
+    g = graphs.graphs[padded]
+    times = []
+    for _ in range(50):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def profile_steps(engine: Engine, bs: int, prompt_len: int, steps: int = 64) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    for i in range(bs):
+        ids = [(7 * i + j) % 800 + 10 for j in range(prompt_len)]
+        engine.add_request(f"p{bs}-{i}", ids, [], params)
+    while any(s.is_prefilling or not s.output_ids for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    parts = {"schedule": [], "run": [], "bookkeeping": [], "step": []}
+    sched, runner = engine.scheduler, engine.runner
+    orig_schedule, orig_run = sched.schedule, runner.run
+
+    def timed(name, fn):
+        def call(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            parts[name].append((time.perf_counter() - t) * 1e3)
+            return out
+        return call
+
+    sched.schedule, runner.run = timed("schedule", orig_schedule), timed("run", orig_run)
+    for _ in range(steps):
+        t = time.perf_counter()
+        engine.step()
+        parts["step"].append((time.perf_counter() - t) * 1e3)
+    sched.schedule, runner.run = orig_schedule, orig_run
+    for rid in list(engine.seqs):
+        engine.abort(rid)
+    med = {k: statistics.median(v) for k, v in parts.items() if v}
+    med["bookkeeping"] = med["step"] - med["schedule"] - med["run"]
+    return med
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", default="1,16,64")
+    ap.add_argument("--prompt", type=int, default=1412)
+    args = ap.parse_args()
+    engine = Engine(EngineConfig(model=str(real_dummy_checkpoint("/tmp/step3-vl-10b-dummy")), load_format="dummy",
+                                 context_length=32768))
+    rows = []
+    for bs in (int(b) for b in args.batch.split(",")):
+        row = {"batch": bs, "graph_replay_ms": replay_ms(engine, bs), **profile_steps(engine, bs, args.prompt)}
+        rows.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "decode_profile.json"), "w") as f:
+            json.dump(rows, f)
+
+
+if __name__ == "__main__":
+    main()
