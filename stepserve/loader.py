@@ -2,6 +2,8 @@
 
 Weights stream from the safetensors shards one tensor at a time straight into parameters that were created
 on the target device in the target dtype, so a model is never held twice (no CPU copy, no float32 copy).
+Block-fp8 layers (`layers/quant.py`) are created in fp8 from the start: an fp8 checkpoint's tensors are
+copied as stored, and with `quantization="fp8"` each bf16 tensor is quantized as it arrives.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from tqdm import tqdm
 
 from stepserve.errors import ModelLoadError
+from stepserve.layers.quant import Fp8Linear, fp8_config, fp8_summary, hf_quantization_config
 from stepserve.models.configs import read_config_dict
 from stepserve.models.registry import model_class
 
@@ -114,11 +117,41 @@ def _listing(names: list[str], limit: int = 20) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def _stored_dtypes(files: list[Path]) -> dict[str, str]:
+    """Tensor name -> safetensors dtype ("BF16", "F8_E4M3", ...), from the shard headers only."""
+    from safetensors import safe_open
+    dtypes = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            dtypes |= {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    return dtypes
+
+
+def _split_kv_scales(weights: Iterable[tuple[str, torch.Tensor]],
+                     kv_scales: dict[str, float]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass weights through, keeping fp8 KV-cache scales (`*.k_scale`, `*.v_scale`) in `kv_scales` instead."""
+    for name, tensor in weights:
+        if name.endswith((".k_scale", ".v_scale")):
+            kv_scales[name] = float(tensor.float().max())
+        else:
+            yield name, tensor
+
+
 def load_safetensors(model: torch.nn.Module, model_dir: Path) -> None:
-    """Fill every parameter from the checkpoint; missing tensors are an error, extra ones a warning."""
+    """Fill every parameter from the checkpoint; missing tensors are an error, extra ones a warning.
+
+    KV-cache scales in the checkpoint set `model.kv_cache_scale`: the cache has one scale for all layers and
+    both K and V, so it is their maximum (no stored value can overflow; the others lose a little precision).
+    """
     seen: list[str] = []
+    kv_scales: dict[str, float] = {}
     with torch.no_grad():
-        loaded = model.load_weights(_stream(_weight_files(model_dir), seen))
+        loaded = model.load_weights(_split_kv_scales(_stream(_weight_files(model_dir), seen), kv_scales))
+    loaded |= kv_scales.keys()
+    if kv_scales:
+        model.kv_cache_scale = max(kv_scales.values())
+        log.info("fp8 KV cache scale %.4g (max of %d k/v scales in the checkpoint)", model.kv_cache_scale,
+                 len(kv_scales))
     missing = sorted(model.checkpoint_names() - loaded)
     unexpected = sorted(set(seen) - loaded)
     if missing:
@@ -130,13 +163,18 @@ def load_safetensors(model: torch.nn.Module, model_dir: Path) -> None:
 
 def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
     """Random weights of a trained model's scale: matrices uniform with std 1/sqrt(fan_in), norm weights 1,
-    biases 0, layer scales 0.1, so bf16 activations stay finite through all layers."""
+    biases 0, layer scales 0.1, so bf16 activations stay finite through all layers. An fp8 layer gets the
+    quantized draws of its unquantized twin, so fp8 and bf16 dummy models of one seed hold the same weights."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if p.dim() > 1:
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            if isinstance(module, Fp8Linear) and leaf != "bias":
+                if leaf == "weight":
+                    module.fill_uniform_((3.0 / p.shape[1]) ** 0.5, gen)
+            elif p.dim() > 1:
                 bound = (3.0 / p[0].numel()) ** 0.5
                 p.uniform_(-bound, bound, generator=gen)
             else:
@@ -144,11 +182,13 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | str, device: torch.device | str,
-               load_format: str = "auto", seed: int = 0) -> torch.nn.Module:
+               load_format: str = "auto", seed: int = 0, quantization: str | None = None) -> torch.nn.Module:
     """Build the model of `model_dir/config.json` on `device` and fill its weights.
 
     load_format: "auto" / "safetensors" read the shards; "dummy" reads no weight files (random weights;
     without a config.json it builds the real Step3-VL-10B size).
+    quantization: "fp8" quantizes a bf16 checkpoint's decoder linears block-wise as they load; a checkpoint
+    whose config has an fp8 `quantization_config` loads its fp8 layers as stored either way.
     """
     start = time.perf_counter()
     model_dir, device = Path(model_dir), torch.device(device)
@@ -161,8 +201,11 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str, device: torch.de
     else:
         hf_config = read_config_dict(model_dir)
     cls = model_class(hf_config)
+    qc = hf_quantization_config(hf_config)
+    stored = _stored_dtypes(_weight_files(model_dir)) if qc is not None and load_format != "dummy" else None
+    quant = fp8_config(qc, quantization, stored, getattr(cls, "packed_modules_mapping", {}))
     with torch.device(device):
-        model = cls(cls.config_class.from_dict(hf_config), dtype)
+        model = cls(cls.config_class.from_dict(hf_config), dtype, **({"quant": quant} if quant is not None else {}))
     model.eval()
     if load_format == "dummy":
         init_dummy_weights(model, seed)
@@ -171,4 +214,6 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str, device: torch.de
     n_params = sum(p.numel() for p in model.parameters())
     log.info("loaded %s (%.2f B params, %s, %s, %s weights) in %.1f s", model_dir, n_params / 1e9, dtype,
              device, "dummy" if load_format == "dummy" else "checkpoint", time.perf_counter() - start)
+    if quant is not None:
+        log.info(fp8_summary(model, dtype))
     return model

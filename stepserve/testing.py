@@ -283,6 +283,58 @@ def tiny_checkpoint(path: str | Path | None = None, shards: int = 2) -> Path:
     return _write_once(Path(path), write)
 
 
+def tiny_fp8_config(token_ids: dict[str, int], tokenizer_size: int) -> dict:
+    """The tiny config with decoder sizes that exercise block fp8: merged shards on whole 128-row blocks
+    (q 256, k 128, v 128, gate/up 256 each) and ragged blocks elsewhere (hidden 192), plus a DeepSeek-V3 style
+    `quantization_config` (UNVERIFIED against the published FP8 checkpoints; see models.md A.9)."""
+    config = tiny_config(token_ids, tokenizer_size)
+    config["text_config"] |= {"hidden_size": 192, "intermediate_size": 256, "num_attention_heads": 4,
+                              "num_key_value_heads": 2, "head_dim": 64}
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128],
+                                     "modules_to_not_convert": ["lm_head", "vit_large_projector"]}
+    return config
+
+
+def stored_in_fp8(name: str) -> bool:
+    """The tensors the tiny fp8 checkpoint stores in fp8: decoder linears and vision MLPs. The vision attention
+    is bf16 without being listed in `modules_to_not_convert`, so the loader must notice it from the dtype."""
+    return name.endswith(".weight") and ((name.startswith("model.layers.") and "_proj." in name) or ".mlp.c_" in name)
+
+
+def quantize_checkpoint(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Block-fp8 copies (weight + weight_scale_inv) of the tensors `stored_in_fp8` selects; others unchanged."""
+    from stepserve.layers.quant import quantize_fp8_blockwise
+
+    out = {}
+    for name, tensor in tensors.items():
+        if stored_in_fp8(name):
+            out[name], out[name + "_scale_inv"] = quantize_fp8_blockwise(tensor)
+        else:
+            out[name] = tensor
+    return out
+
+
+def tiny_fp8_checkpoint(path: str | Path | None = None, shards: int = 2, quantized: bool = True) -> Path:
+    """A tiny block-fp8 checkpoint (`tiny_fp8_config`, real tensor names plus `*.weight_scale_inv`); with
+    quantized=False the same model's bf16 weights before quantization, without a quantization_config."""
+    if path is None:
+        path = _cache_dir() / f"tiny-fp8-{TINY_VERSION}-{shards}shard-{'fp8' if quantized else 'bf16'}"
+
+    def write(out: Path) -> None:
+        ids, size = _write_tokenizer_files(out)
+        config = tiny_fp8_config(ids, size)
+        tensors = random_checkpoint(config)
+        if quantized:
+            tensors = quantize_checkpoint(tensors)
+        else:
+            del config["quantization_config"]
+        _write_configs(out, config)
+        _write_weights(out, tensors, shards)
+
+    return _write_once(Path(path), write)
+
+
 def real_dummy_checkpoint(path: str | Path | None = None) -> Path:
     """A weightless directory for load_format="dummy" at the real size: the real config.json, with the token
     ids of the tiny tokenizer (also written), so prompts, images and stop tokens work end to end."""

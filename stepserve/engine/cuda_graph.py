@@ -23,8 +23,8 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, max_bs: int, max_pages_per_seq: int, max_context: int,
-                 scratch_slot: int, device: torch.device):
-        self.model, self.device = model, device
+                 scratch_slot: int, device: torch.device, kv_scale: float = 1.0):
+        self.model, self.device, self.kv_scale = model, device, kv_scale
         self.sizes = graph_batch_sizes(max_bs)
         self.max_bs = self.sizes[-1]
         self.max_context, self.scratch_slot = max_context, scratch_slot
@@ -42,7 +42,8 @@ class DecodeGraphs:
     def _context(self, bs: int) -> ForwardContext:
         return ForwardContext(cu_q_lens=self.cu_q_lens[: bs + 1], kv_lens=self.kv_lens[:bs],
                               block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
-                              max_q_len=1, max_kv_len=self.max_context, q_lens_cpu=[1] * bs, kv_lens_cpu=[1] * bs)
+                              max_q_len=1, max_kv_len=self.max_context, q_lens_cpu=[1] * bs, kv_lens_cpu=[1] * bs,
+                              kv_scale=self.kv_scale)
 
     def _forward(self, bs: int) -> torch.Tensor:
         with forward_context(self._context(bs)):

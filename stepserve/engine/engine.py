@@ -59,7 +59,8 @@ class Engine:
         self.image_token_id = self.token_ids.im_patch
         self.image_processor = ImageProcessor(self.token_ids)
         start = time.perf_counter()
-        model = loader.load_model(self.model_dir, self.dtype, self.device, config.load_format, config.seed)
+        model = loader.load_model(self.model_dir, self.dtype, self.device, config.load_format, config.seed,
+                                  config.quantization)
         self.runner = ModelRunner(config, model, self.device, self.dtype, self.eos_ids, len(self.tokenizer))
         self.pool = PagePool(self.runner.num_pages, config.page_size, not config.disable_radix_cache)
         pool_tokens = self.pool.num_pages * config.page_size

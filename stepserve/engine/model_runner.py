@@ -41,6 +41,9 @@ class ModelRunner:
 
             install_triton_kernels()
         self.num_pages = self._allocate_kv_cache()
+        # Only an fp8 cache stores scaled values; the scale is the checkpoint's, else 1.0 as in vLLM.
+        fp8_cache = config.kv_cache_dtype.startswith("fp8")
+        self.kv_scale = float(getattr(model, "kv_cache_scale", 1.0)) if fp8_cache else 1.0
         self.graphs: DecodeGraphs | None = None
 
     def capture_graphs(self, context_length: int) -> None:
@@ -48,7 +51,8 @@ class ModelRunner:
             return
         max_pages = -(-context_length // self.page_size)
         self.graphs = DecodeGraphs(self.model, min(self.config.cuda_graph_max_bs, self.config.max_running_requests),
-                                   max_pages, context_length, self.num_pages * self.page_size, self.device)
+                                   max_pages, context_length, self.num_pages * self.page_size, self.device,
+                                   self.kv_scale)
         self.graphs.capture()
 
     # -- KV cache ---------------------------------------------------------------------------------
@@ -126,7 +130,8 @@ class ModelRunner:
             kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=self.device),
             block_tables=table.to(self.device, non_blocking=True),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
-            max_q_len=max(q_lens), max_kv_len=max(kv_lens), q_lens_cpu=q_lens, kv_lens_cpu=kv_lens)
+            max_q_len=max(q_lens), max_kv_len=max(kv_lens), q_lens_cpu=q_lens, kv_lens_cpu=kv_lens,
+            kv_scale=self.kv_scale)
         return ctx, cu
 
     # -- images -----------------------------------------------------------------------------------

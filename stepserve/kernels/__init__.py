@@ -7,6 +7,7 @@ Importing this package needs triton. `install_triton_kernels()` routes the layer
 from __future__ import annotations
 
 from stepserve.kernels.activation import silu_and_mul
+from stepserve.kernels.fp8_gemm import fp8_gemm
 from stepserve.kernels.paged_attention import decode_attention, extend_attention, paged_attention
 from stepserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from stepserve.kernels.rotary import apply_rotary, qk_norm_rope
@@ -19,6 +20,7 @@ LAYER_KERNELS = {
     "apply_rotary": apply_rotary,
     "qk_norm_rope": qk_norm_rope,
     "silu_and_mul": silu_and_mul,
+    "fp8_linear": fp8_gemm,
 }
 
 
@@ -32,5 +34,5 @@ def install_triton_kernels(enable: bool = True) -> None:
     set_attention_backend(paged_attention if enable else None)
 
 
-__all__ = ["apply_rotary", "decode_attention", "extend_attention", "fused_add_rms_norm", "install_triton_kernels",
-           "paged_attention", "qk_norm_rope", "rms_norm", "silu_and_mul", "LAYER_KERNELS"]
+__all__ = ["apply_rotary", "decode_attention", "extend_attention", "fp8_gemm", "fused_add_rms_norm",
+           "install_triton_kernels", "paged_attention", "qk_norm_rope", "rms_norm", "silu_and_mul", "LAYER_KERNELS"]

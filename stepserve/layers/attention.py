@@ -92,8 +92,15 @@ def store_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     v_flat = kv_cache[1].view(-1, *kv_cache.shape[-2:])
     if scale != 1.0:
         k, v = k / scale, v / scale
-    k_flat.index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    v_flat.index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    if kv_cache.element_size() == 1:  # fp8
+        # Saturate explicitly (older torch casts overflow to NaN); index_copy_ has no fp8 kernel: copy bytes.
+        fp8_max = torch.finfo(kv_cache.dtype).max
+        k, v = (t.clamp(-fp8_max, fp8_max).to(kv_cache.dtype).view(torch.uint8) for t in (k, v))
+        k_flat, v_flat = k_flat.view(torch.uint8), v_flat.view(torch.uint8)
+    else:
+        k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
+    k_flat.index_copy_(0, slot_mapping, k)
+    v_flat.index_copy_(0, slot_mapping, v)
 
 
 def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, scale: float) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Linear layers whose weights come from the checkpoint: created uninitialized, filled by the loader.
 
 `MergedLinear` stacks several checkpoint matrices along the output dim (q/k/v, gate/up) so one GEMM
-computes them all; `load_shard` copies one of them into its rows.
+computes them all; `load_weight(..., shard=i)` copies the i-th of them into its rows. Block-fp8 variants
+live in `layers/quant.py` and load through the same `load_weight` interface.
 """
 
 from __future__ import annotations
@@ -13,26 +14,44 @@ from torch import nn
 from stepserve.errors import ModelLoadError
 
 
+def copy_weight(dst: torch.Tensor, src: torch.Tensor, source: str) -> None:
+    """Copy checkpoint tensor `source` into `dst`; a shape mismatch, or fp8 bytes going into a wider
+    parameter (which would drop their block scales), is a ModelLoadError naming the tensor."""
+    if dst.shape != src.shape:
+        raise ModelLoadError(f"tensor {source} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+    if src.element_size() == 1 and src.is_floating_point() and dst.element_size() != 1:
+        raise ModelLoadError(f"tensor {source} is stored as {src.dtype}, but its module is not quantized "
+                             f"(its parameter is {dst.dtype}); only linear layers can load fp8 weights")
+    dst.copy_(src)
+
+
+def shard_rows(param: torch.Tensor, output_sizes: list[int], shard: int | None, rows_per_entry: int = 1) -> torch.Tensor:
+    """The rows of `param` that hold shard `shard` of a merged matrix (all rows when shard is None).
+
+    A parameter with one entry per `rows_per_entry` output rows (block scales) takes ceil(size / that)."""
+    if shard is None:
+        return param
+    start = sum(output_sizes[:shard]) // rows_per_entry
+    return param[start: start + -(-output_sizes[shard] // rows_per_entry)]
+
+
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.output_sizes = [out_features]
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def load_weight(self, param_name: str, tensor: torch.Tensor, source: str, shard: int | None = None) -> None:
+        """Copy checkpoint tensor `source` into `self.<param_name>` (or its rows of shard `shard`)."""
+        copy_weight(shard_rows(getattr(self, param_name).data, self.output_sizes, shard), tensor, source)
+
 
 class MergedLinear(Linear):
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
         super().__init__(in_features, sum(output_sizes), bias)
         self.output_sizes = list(output_sizes)
-
-    def load_shard(self, param_name: str, shard: int, tensor: torch.Tensor, source: str) -> None:
-        """Copy checkpoint tensor `source` into rows of shard `shard` of `self.<param_name>`."""
-        start = sum(self.output_sizes[:shard])
-        rows = getattr(self, param_name).data[start : start + self.output_sizes[shard]]
-        if rows.shape != tensor.shape:
-            raise ModelLoadError(f"tensor {source} has shape {tuple(tensor.shape)}, expected {tuple(rows.shape)}")
-        rows.copy_(tensor)

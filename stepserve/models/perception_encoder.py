@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepserve.layers.activation import quick_gelu
-from stepserve.layers.linear import Linear
+from stepserve.layers.quant import Fp8Config, make_linear
 from stepserve.models.configs import VisionConfig
 
 
@@ -35,13 +35,13 @@ def apply_rope2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class VisionAttention(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, quant: Fp8Config | None = None, prefix: str = ""):
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.head_dim
         # nn.MultiheadAttention's layout: q, k, v stacked along the output dim.
         self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.width, cfg.width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * cfg.width))
-        self.out_proj = Linear(cfg.width, cfg.width, bias=True)
+        self.out_proj = make_linear(quant, f"{prefix}.out_proj", cfg.width, cfg.width, bias=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -61,23 +61,23 @@ class LayerScale(nn.Module):
 
 
 class VisionMLP(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, quant: Fp8Config | None = None, prefix: str = ""):
         super().__init__()
-        self.c_fc = Linear(cfg.width, cfg.mlp_dim, bias=True)
-        self.c_proj = Linear(cfg.mlp_dim, cfg.width, bias=True)
+        self.c_fc = make_linear(quant, f"{prefix}.c_fc", cfg.width, cfg.mlp_dim, bias=True)
+        self.c_proj = make_linear(quant, f"{prefix}.c_proj", cfg.mlp_dim, cfg.width, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(quick_gelu(self.c_fc(x)))
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, quant: Fp8Config | None = None, prefix: str = ""):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.attn = VisionAttention(cfg)
+        self.attn = VisionAttention(cfg, quant, f"{prefix}.attn")
         self.ls_1 = LayerScale(cfg.width)
         self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.mlp = VisionMLP(cfg)
+        self.mlp = VisionMLP(cfg, quant, f"{prefix}.mlp")
         self.ls_2 = LayerScale(cfg.width)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,8 @@ class VisionBlock(nn.Module):
 
 
 class PerceptionEncoder(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, quant: Fp8Config | None = None, prefix: str = "vision_model"):
+        """quant: which linears hold block-fp8 weights, by checkpoint name under `prefix` (None: none)."""
         super().__init__()
         self.cfg = cfg
         w = cfg.width
@@ -94,7 +95,8 @@ class PerceptionEncoder(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(cfg.grid * cfg.grid, w))
         self.ln_pre = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
         self.transformer = nn.Module()
-        self.transformer.resblocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.layers))
+        self.transformer.resblocks = nn.ModuleList(VisionBlock(cfg, quant, f"{prefix}.transformer.resblocks.{i}")
+                                                   for i in range(cfg.layers))
         self.vit_downsampler1 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)
         self.vit_downsampler2 = nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1)
         self.register_buffer("rope_angles", rope2d_angles(cfg.grid, cfg.head_dim, cfg.rope_theta), persistent=False)

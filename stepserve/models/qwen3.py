@@ -13,11 +13,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from stepserve.errors import ModelLoadError
 from stepserve.layers.activation import silu_and_mul
 from stepserve.layers.attention import Attention
-from stepserve.layers.linear import Linear, MergedLinear
+from stepserve.layers.linear import copy_weight
 from stepserve.layers.norm import RMSNorm
+from stepserve.layers.quant import Fp8Config, make_linear
 from stepserve.layers.rotary import RotaryEmbedding, qk_norm_rope
 from stepserve.models.configs import TextConfig
 
@@ -34,13 +34,14 @@ def dtype_scope(dtype: torch.dtype):
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, cfg: TextConfig, rotary: RotaryEmbedding):
+    def __init__(self, cfg: TextConfig, rotary: RotaryEmbedding, quant: Fp8Config | None = None, prefix: str = ""):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size])
-        self.o_proj = Linear(self.q_size, cfg.hidden_size)
+        self.qkv_proj = make_linear(quant, f"{prefix}.qkv_proj", cfg.hidden_size,
+                                    [self.q_size, self.kv_size, self.kv_size])
+        self.o_proj = make_linear(quant, f"{prefix}.o_proj", self.q_size, cfg.hidden_size)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.rotary_emb = rotary  # one cos/sin table shared by all layers
@@ -55,20 +56,20 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, quant: Fp8Config | None = None, prefix: str = ""):
         super().__init__()
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up_proj = make_linear(quant, f"{prefix}.gate_up_proj", cfg.hidden_size, [cfg.intermediate_size] * 2)
+        self.down_proj = make_linear(quant, f"{prefix}.down_proj", cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, rotary: RotaryEmbedding):
+    def __init__(self, cfg: TextConfig, rotary: RotaryEmbedding, quant: Fp8Config | None = None, prefix: str = ""):
         super().__init__()
-        self.self_attn = Qwen3Attention(cfg, rotary)
-        self.mlp = Qwen3MLP(cfg)
+        self.self_attn = Qwen3Attention(cfg, rotary, quant, f"{prefix}.self_attn")
+        self.mlp = Qwen3MLP(cfg, quant, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -85,12 +86,13 @@ class Qwen3DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, quant: Fp8Config | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))  # no init pass
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, rotary, quant, f"model.layers.{i}")
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -106,15 +108,16 @@ class Qwen3ForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: TextConfig, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: TextConfig, dtype: torch.dtype = torch.float32, quant: Fp8Config | None = None):
+        """quant: which linear layers hold block-fp8 weights (None: all in `dtype`)."""
         super().__init__()
         self.text_config = config
         self.num_layers, self.num_kv_heads = config.num_hidden_layers, config.num_key_value_heads
         self.head_dim = config.head_dim
         self.hidden_size, self.vocab_size = config.hidden_size, config.vocab_size
         with dtype_scope(dtype):
-            self.model = Qwen3Model(config)
-            self.lm_head = Linear(config.hidden_size, config.vocab_size)
+            self.model = Qwen3Model(config, quant)
+            self.lm_head = make_linear(quant, "lm_head", config.hidden_size, config.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, H] (paged attention: needs a ForwardContext)."""
@@ -141,13 +144,12 @@ class Qwen3ForCausalLM(nn.Module):
             param = params.get(target)
             if param is None:
                 continue
-            if shard is not None:
-                module_name, _, param_name = target.rpartition(".")
-                self.get_submodule(module_name).load_shard(param_name, shard, tensor, name)
-            elif param.shape != tensor.shape:
-                raise ModelLoadError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+            module_name, _, param_name = target.rpartition(".")
+            module = self.get_submodule(module_name)
+            if hasattr(module, "load_weight"):  # linear layers: merged shards, fp8 scales, quantize-on-load
+                module.load_weight(param_name, tensor, name, shard)
             else:
-                param.data.copy_(tensor)
+                copy_weight(param.data, tensor, name)
             loaded.add(name)
         return loaded
 
@@ -158,6 +160,9 @@ class Qwen3ForCausalLM(nn.Module):
             sources.setdefault(dst, []).append(src)
         names = set()
         for pname, _ in self.named_parameters():
+            module_name, _, leaf = pname.rpartition(".")
+            if leaf in getattr(self.get_submodule(module_name), "computed_params", ()):
+                continue
             for dst, srcs in sources.items():
                 if f".{dst}." in pname:
                     names.update(pname.replace(f".{dst}.", f".{src}.") for src in srcs)

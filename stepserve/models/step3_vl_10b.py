@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from stepserve.layers.linear import Linear
+from stepserve.layers.quant import Fp8Config, make_linear
 from stepserve.models.configs import Step3VLConfig
 from stepserve.models.perception_encoder import PerceptionEncoder
 from stepserve.models.qwen3 import Qwen3ForCausalLM, dtype_scope
@@ -17,13 +17,14 @@ from stepserve.models.qwen3 import Qwen3ForCausalLM, dtype_scope
 class Step3VL10BForCausalLM(Qwen3ForCausalLM):
     config_class = Step3VLConfig
 
-    def __init__(self, config: Step3VLConfig, dtype: torch.dtype = torch.float32):
-        super().__init__(config.text, dtype)
+    def __init__(self, config: Step3VLConfig, dtype: torch.dtype = torch.float32, quant: Fp8Config | None = None):
+        super().__init__(config.text, dtype, quant)
         self.config = config
         self.image_token_id = config.image_token_id
         with dtype_scope(dtype):
-            self.vision_model = PerceptionEncoder(config.vision)
-            self.vit_large_projector = Linear(config.vision.output_dim, config.text.hidden_size)
+            self.vision_model = PerceptionEncoder(config.vision, quant, "vision_model")
+            self.vit_large_projector = make_linear(quant, "vit_large_projector", config.vision.output_dim,
+                                                   config.text.hidden_size)
 
     def get_input_embeddings(self, input_ids: torch.Tensor, mm_embeds: torch.Tensor | None = None,
                              mm_mask: torch.Tensor | None = None) -> torch.Tensor:
