@@ -4,6 +4,7 @@ Linear FLOPs per image: patches x layers x 2 x (4 w^2 + 2 w mlp); attention adds
 layer. Floor = FLOPs / 782 TFLOP/s (the measured bf16 GEMM ceiling). Timed with CUDA events, median of 5.
 """
 
+import argparse
 import json
 import os
 
@@ -25,11 +26,28 @@ def flops_per_image(cfg) -> float:
     return linear + attention
 
 
+def profile(model, views, crops) -> None:
+    """Top CUDA kernels of one 2-image encode: where the time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch.inference_mode(), torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.encode_images(views, crops, [6] * views.shape[0])
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--compile", action="store_true", help="torch.compile the blocks, as the server does")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
     config = Step3VLConfig.from_dict(real_config())
     with torch.device("cuda"):
         model = Step3VL10BForCausalLM(config, torch.bfloat16).eval()
     init_dummy_weights(model)
+    if args.compile:
+        model.vision_model.compile_blocks()
     results = []
     for images in (1, 2, 8):
         views = torch.randn(images, 3, 728, 728, device="cuda", dtype=torch.bfloat16)
@@ -46,11 +64,14 @@ def main() -> None:
                 times.append(start.elapsed_time(end))
         ms = sorted(times)[len(times) // 2]
         flops = flops_per_image(config.vision) * images
-        results.append({"images": images, "ms": ms, "images_per_s": images / ms * 1e3,
+        if args.profile and images == 2:
+            profile(model, views, crops)
+        results.append({"compiled": args.compile, "images": images, "ms": ms, "images_per_s": images / ms * 1e3,
                         "tflops": flops / ms / 1e9, "floor_ms": flops / PEAK * 1e3})
         print(json.dumps(results[-1]))
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "vision.json"), "w") as f:
+        name = "vision_compiled.json" if args.compile else "vision.json"
+        with open(os.path.join(os.environ["OUT"], name), "w") as f:
             json.dump(results, f)
 
 
