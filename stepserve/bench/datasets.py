@@ -45,14 +45,24 @@ def parse_image_resolution(spec: str) -> tuple[int, int]:
 
 
 def _text_token_ids(tokenizer: Any) -> list[int]:
+    # Added tokens are control tokens (<im_patch>, <|im_start|>, <think>, ...), not all of them listed as
+    # special: a random prompt holding one would be refused or change meaning.
     special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    special |= set(getattr(tokenizer, "get_added_vocab", dict)().values())
     return sorted(i for i in set(tokenizer.get_vocab().values()) if isinstance(i, int) and i not in special)
 
 
 def random_text(tokenizer: Any, num_tokens: int, rng: np.random.Generator, vocab: list[int]) -> str:
-    """Decoded random non-special tokens (re-encoding may give a slightly different count)."""
-    ids = rng.choice(len(vocab), size=num_tokens) if num_tokens else []
-    return tokenizer.decode([vocab[i] for i in ids])
+    """Decoded random non-special tokens (re-encoding may give a slightly different count).
+
+    Ordinary tokens can spell a control token's text (e.g. "<im" + "_patch>"), which servers refuse or
+    misread; such draws are redrawn."""
+    controls = [t for t in getattr(tokenizer, "get_added_vocab", dict)() if len(t) > 1]
+    while True:
+        ids = rng.choice(len(vocab), size=num_tokens) if num_tokens else []
+        text = tokenizer.decode([vocab[i] for i in ids])
+        if not any(c in text for c in controls):
+            return text
 
 
 def chat_text_len(tokenizer: Any, text: str) -> int:
