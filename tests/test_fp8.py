@@ -238,7 +238,8 @@ def test_dummy_fp8_weights_are_the_quantized_dummy_weights(bf16_dir):
     for name, m in fp8.named_modules():
         if isinstance(m, Fp8Linear):
             q, scale = quantize_fp8_blockwise(bf16.get_submodule(name).weight)
-            assert torch.equal(m.weight.view(torch.uint8), q.view(torch.uint8)) and torch.equal(m.weight_scale_inv, scale)
+            assert torch.equal(m.weight.view(torch.uint8), q.view(torch.uint8))
+            assert torch.equal(m.weight_scale_inv, scale)
     assert torch.equal(fp8.lm_head.weight, bf16.lm_head.weight)
 
 
@@ -274,8 +275,8 @@ def test_inconsistent_fp8_checkpoints_fail_clearly(fp8_dir, tmp_path, case, matc
     changes = {
         "mixed": (lambda t: t.update({k: dequantize_fp8_blockwise(t[k], t.pop(k + "_scale_inv"), torch.bfloat16)}),
                   None),
-        "ignored": (lambda t: None,
-                    lambda c: c["quantization_config"]["modules_to_not_convert"].append("model.layers.0.mlp.down_proj")),
+        "ignored": (lambda t: None, lambda c: c["quantization_config"]["modules_to_not_convert"].append(
+            "model.layers.0.mlp.down_proj")),
         "embedding": (lambda t: t.update({"model.embed_tokens.weight": t["model.embed_tokens.weight"].to(FP8)}), None),
         "block": (lambda t: None, lambda c: c["quantization_config"].update(weight_block_size=[64, 64])),
         "method": (lambda t: None, lambda c: c["quantization_config"].update(quant_method="awq")),

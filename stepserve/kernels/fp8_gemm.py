@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from stepserve.kernels.paged_attention import _num_sms
-from stepserve.layers.quant import BLOCK, FP8_DTYPE, FP8_MAX, cdiv, dequantize_fp8_blockwise, quantize_fp8_per_token_group
+from stepserve.layers.quant import (BLOCK, FP8_DTYPE, FP8_MAX, cdiv, dequantize_fp8_blockwise,
+                                    quantize_fp8_per_token_group)
 
 SMALL_M = 64
 

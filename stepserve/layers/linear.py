@@ -25,7 +25,8 @@ def copy_weight(dst: torch.Tensor, src: torch.Tensor, source: str) -> None:
     dst.copy_(src)
 
 
-def shard_rows(param: torch.Tensor, output_sizes: list[int], shard: int | None, rows_per_entry: int = 1) -> torch.Tensor:
+def shard_rows(param: torch.Tensor, output_sizes: list[int], shard: int | None,
+               rows_per_entry: int = 1) -> torch.Tensor:
     """The rows of `param` that hold shard `shard` of a merged matrix (all rows when shard is None).
 
     A parameter with one entry per `rows_per_entry` output rows (block scales) takes ceil(size / that)."""
