@@ -7,8 +7,10 @@ schedule / model runner (incl. the sampled ids' device->host copy) / token bookk
 """
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import statistics
 import time
 
@@ -35,7 +37,7 @@ def replay_ms(engine: Engine, bs: int) -> float:
     return statistics.median(times)
 
 
-def profile_steps(engine: Engine, bs: int, prompt_len: int, steps: int = 64) -> dict:
+def profile_steps(engine: Engine, bs: int, prompt_len: int, steps: int = 64, cprofile: bool = False) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
     for i in range(bs):
         ids = [(7 * i + j) % 800 + 10 for j in range(prompt_len)]
@@ -55,11 +57,18 @@ def profile_steps(engine: Engine, bs: int, prompt_len: int, steps: int = 64) -> 
         return call
 
     sched.schedule, runner.run = timed("schedule", orig_schedule), timed("run", orig_run)
+    profiler = cProfile.Profile() if cprofile else None
     for _ in range(steps):
         t = time.perf_counter()
+        if profiler:
+            profiler.enable()
         engine.step()
+        if profiler:
+            profiler.disable()
         parts["step"].append((time.perf_counter() - t) * 1e3)
     sched.schedule, runner.run = orig_schedule, orig_run
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
     for rid in list(engine.seqs):
         engine.abort(rid)
     med = {k: statistics.median(v) for k, v in parts.items() if v}
@@ -71,12 +80,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", default="1,16,64")
     ap.add_argument("--prompt", type=int, default=1412)
+    ap.add_argument("--cprofile", action="store_true", help="print the host functions' own time (largest batch)")
     args = ap.parse_args()
     engine = Engine(EngineConfig(model=str(real_dummy_checkpoint("/tmp/step3-vl-10b-dummy")), load_format="dummy",
                                  context_length=32768))
     rows = []
-    for bs in (int(b) for b in args.batch.split(",")):
-        row = {"batch": bs, "graph_replay_ms": replay_ms(engine, bs), **profile_steps(engine, bs, args.prompt)}
+    sizes = [int(b) for b in args.batch.split(",")]
+    for bs in sizes:
+        steps = profile_steps(engine, bs, args.prompt, cprofile=args.cprofile and bs == sizes[-1])
+        row = {"batch": bs, "graph_replay_ms": replay_ms(engine, bs), **steps}
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
     if os.environ.get("OUT"):
