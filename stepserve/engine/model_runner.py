@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,8 @@ class ModelRunner:
             from stepserve.kernels import install_triton_kernels
 
             install_triton_kernels()
+            if not config.disable_cuda_graph:
+                self._compile_vision()
         self.num_pages = self._allocate_kv_cache()
         # Only an fp8 cache stores scaled values; the scale is the checkpoint's, else 1.0 as in vLLM.
         fp8_cache = config.kv_cache_dtype.startswith("fp8")
@@ -54,6 +57,17 @@ class ModelRunner:
                                    max_pages, context_length, self.num_pages * self.page_size, self.device,
                                    self.kv_scale)
         self.graphs.capture()
+
+    @torch.inference_mode()
+    def _compile_vision(self) -> None:
+        """Compile the vision blocks and trigger both compiles (batch 1 specializes) at start-up, not on a request."""
+        start = time.perf_counter()
+        self.model.vision_model.compile_blocks()
+        for views, crops in ((1, 0), (2, 2)):
+            pixels = torch.randn(views, 3, 728, 728, device=self.device, dtype=self.dtype)
+            patches = torch.randn(crops, 3, 504, 504, device=self.device, dtype=self.dtype) if crops else None
+            self.model.encode_images(pixels, patches, [crops // views] * views)
+        log.info("compiled the vision tower in %.1f s", time.perf_counter() - start)
 
     # -- KV cache ---------------------------------------------------------------------------------
     def _allocate_kv_cache(self) -> int:

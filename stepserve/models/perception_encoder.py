@@ -101,6 +101,14 @@ class PerceptionEncoder(nn.Module):
         self.vit_downsampler2 = nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1)
         self.register_buffer("rope_angles", rope2d_angles(cfg.grid, cfg.head_dim, cfg.rope_theta), persistent=False)
 
+    def compile_blocks(self) -> None:
+        """Fuse each block's pointwise work (2D rope, quick-GELU, layer scale, norms) with torch.compile.
+
+        All blocks share one compiled graph (shapes are dynamic), so this costs one compile, not 47.
+        """
+        for block in self.transformer.resblocks:
+            block.compile(dynamic=True)
+
     def _position_embedding(self, grid: int) -> torch.Tensor:
         pos = self.positional_embedding
         if grid == self.cfg.grid:
