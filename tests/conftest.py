@@ -13,3 +13,14 @@ from stepserve.testing import tiny_checkpoint
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A fresh tiny checkpoint (2 shards + index) for this test session."""
     return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def real_server(tmp_path_factory):
+    """The real `stepserve serve` (tiny model, CPU) with the seed's parsers, serving the seed's model name."""
+    from real_server import SEED_MODEL, RealServer
+
+    server = RealServer(["--served-model-name", SEED_MODEL, "--reasoning-parser", "deepseek-r1",
+                         "--tool-call-parser", "hermes"], tmp_path_factory.mktemp("server") / "serve.log")
+    yield server
+    server.stop()

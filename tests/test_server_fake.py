@@ -237,9 +237,11 @@ def test_images_count_in_prompt_tokens(tok):
     ("/v1/chat/completions", {"messages": user("x"), "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {"messages": user("word " * 600)}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!"}}]}]}, 400, "messages"),
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!"}}]}]}, 400,
+     "messages[0].content[0].image_url.url"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": png_data_url((3000, 3000))}}]}]}, 413, "messages"),
+        {"type": "image_url", "image_url": {"url": png_data_url((3000, 3000))}}]}]}, 413,
+     "messages[0].content[0].image_url.url"),
     ("/v1/completions", {"prompt": [10 ** 9]}, 400, "prompt"),
     ("/v1/nothing", {}, 404, None),
 ])

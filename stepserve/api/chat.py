@@ -126,6 +126,8 @@ def normalize_messages(messages: Any, iterate_content: bool) -> tuple[list[dict]
         role = msg.get("role")
         if role not in ROLES:
             raise _bad(f"{where}.role", f"must be one of {sorted(ROLES)}, got {role!r}")
+        if msg.get("content") is None and role != "assistant":  # only an assistant turn may be just tool calls
+            raise _bad(f"{where}.content", f"is required in a {role} message")
         msg = {k: copy.copy(v) for k, v in msg.items() if v is not None}
         msg["role"] = "system" if role == "developer" else role
         content = msg.get("content", "")
@@ -148,6 +150,18 @@ def normalize_messages(messages: Any, iterate_content: bool) -> tuple[list[dict]
             raise _bad(f"{where}.tool_call_id", "must be a string")
         out.append(msg)
     return out, images
+
+
+def image_part_params(messages: list[dict]) -> list[str]:
+    """The field path of each image part of valid `messages`, in the order `render_chat` returns the sources."""
+    out = []
+    for i, msg in enumerate(messages):
+        content = msg.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if isinstance(part, dict) and part.get("type") in ("image_url", "image"):
+                field = "image_url.url" if part["type"] == "image_url" else "image"
+                out.append(f"messages[{i}].content[{j}].{field}")
+    return out
 
 
 def render_chat(messages: list[dict], tokenizer: Any, chat_template: str | None, tools: list[dict] | None = None,

@@ -8,6 +8,7 @@ import logging
 import secrets
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -21,6 +22,7 @@ from stepserve.errors import AuthenticationError, InvalidRequestError, Stepserve
 
 logger = logging.getLogger(__name__)
 
+_GRACEFUL_SHUTDOWN_S = 10  # a backstop: streams end on their own at shutdown (see _Server)
 _OPEN_PATHS = ("/health", "/health_generate", "/metrics")  # probes and scrapers carry no key
 _ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/health_generate", "/metrics",
            "/get_model_info"}
@@ -138,17 +140,35 @@ def build_app(args: ServerArgs, engine) -> FastAPI:
     return app
 
 
-def run_server(args: ServerArgs) -> None:
-    """Load the engine, then serve until Ctrl-C / SIGTERM (uvicorn's handlers; lifespan stops the engine)."""
-    import uvicorn
+class _Server(uvicorn.Server):
+    """uvicorn's server, plus: Ctrl-C / SIGTERM aborts every generation in flight, so open streams end at once
+    (finish_reason "abort", then [DONE]) instead of holding the shutdown until they complete."""
 
+    def __init__(self, config: uvicorn.Config, engine):
+        super().__init__(config)
+        self.engine = engine
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        if self.loop is not None:  # a signal handler can interrupt the loop anywhere: let the loop do it
+            self.loop.call_soon_threadsafe(self.engine.abort_all)
+
+
+def run_server(args: ServerArgs) -> None:
+    """Load the engine, then serve until Ctrl-C / SIGTERM (lifespan stops the engine)."""
     from stepserve.engine.engine import AsyncEngine
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = AsyncEngine.from_config(args.engine_config())
     app = build_app(args, engine)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30,
+                            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S)
     try:
-        asyncio.run(uvicorn.Server(config).serve())
+        asyncio.run(_Server(config, engine).serve())
     except KeyboardInterrupt:
         pass

@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from stepserve.api import protocol as P
-from stepserve.api.chat import render_chat
+from stepserve.api.chat import image_part_params, render_chat
 from stepserve.api.metrics import Metrics
 from stepserve.api.reasoning import get_reasoning_parser, thinking_disabled
 from stepserve.api.tools import HermesToolParser, ToolCallDelta, get_tool_parser
@@ -97,14 +97,21 @@ class Serving:
             ids = list(prompt)
         return expand_prompt(ids, images, self.engine.image_token_id), images
 
-    async def _load_images(self, sources: list) -> list:
+    async def _load_images(self, sources: list, params: list[str]) -> list:
         from stepserve.multimodal.image_io import load_image_async
 
         a = self.args
-        return await asyncio.gather(*(
-            load_image_async(src, max_bytes=a.max_image_bytes, max_pixels=a.max_image_pixels,
-                             timeout=a.image_fetch_timeout, allowed_local_path=a.allowed_local_media_path,
-                             param="messages") for src in sources))
+
+        async def load(source, param: str):
+            try:
+                return await load_image_async(source, max_bytes=a.max_image_bytes, max_pixels=a.max_image_pixels,
+                                              timeout=a.image_fetch_timeout,
+                                              allowed_local_path=a.allowed_local_media_path, param=param)
+            except StepserveError as e:
+                e.message = f"{param}: {e.message}"  # which of the request's images failed
+                raise
+
+        return await asyncio.gather(*(load(s, p) for s, p in zip(sources, params)))
 
     def _parsers(self, req: P.ChatCompletionRequest):
         reasoning = self.reasoning if req.separate_reasoning else None
@@ -130,7 +137,8 @@ class Serving:
         prompt, sources = await self._in_pool(render_chat, req.messages, self.engine.tokenizer,
                                               self.engine.chat_template, req.template_tools(), True,
                                               req.chat_template_kwargs)
-        ids, images = await self._in_pool(self._token_ids, prompt, await self._load_images(sources))
+        pil_images = await self._load_images(sources, image_part_params(req.messages))
+        ids, images = await self._in_pool(self._token_ids, prompt, pil_images)
         params = P.to_sampling_params(req, self.engine.context_length, len(ids))
         rid = P.new_id("chatcmpl-")
         stream = _Generation(self, rid, t0, self.engine.generate(ids, images, params, rid, prompt=prompt))

@@ -88,11 +88,45 @@ def validate_tools(tools: list[dict] | None) -> list[dict] | None:
         if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
             raise InvalidRequestError(f"{where}.function.parameters must be a JSON schema of type 'object'",
                                       param=f"{where}.function.parameters")
+        if params is not None:
+            _check_schema(params, f"{where}.function.parameters")
         desc = fn.get("description")
         if desc is not None and not isinstance(desc, str):
             raise InvalidRequestError(f"{where}.function.description must be a string",
                                       param=f"{where}.function.description")
     return tools
+
+
+_JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
+
+
+def _check_schema(schema: dict, where: str) -> None:
+    """The JSON Schema keywords a template renders and a model follows must be well formed (a structural
+    check, not a meta-schema validation): type, properties, items, required, enum."""
+    def bad(key: str, what: str):
+        return InvalidRequestError(f"{where}.{key} must be {what}, got {schema[key]!r}", param=f"{where}.{key}")
+
+    kind = schema.get("type")
+    if kind is not None and not (kind in _JSON_TYPES if isinstance(kind, str) else
+                                 isinstance(kind, list) and kind and all(k in _JSON_TYPES for k in kind)):
+        raise bad("type", f"one of {sorted(_JSON_TYPES)} or a list of them")
+    props = schema.get("properties")
+    if props is not None:
+        if not isinstance(props, dict) or not all(isinstance(v, dict) for v in props.values()):
+            raise bad("properties", "an object mapping names to schemas")
+        for name, sub in props.items():
+            _check_schema(sub, f"{where}.properties.{name}")
+    required = schema.get("required")
+    if required is not None and not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
+        raise bad("required", "a list of property names")
+    enum = schema.get("enum")
+    if enum is not None and not (isinstance(enum, list) and enum):
+        raise bad("enum", "a non-empty list")
+    items = schema.get("items")
+    if items is not None:
+        if not isinstance(items, dict):
+            raise bad("items", "a schema object")
+        _check_schema(items, f"{where}.items")
 
 
 def parse_call_body(body: str, names: frozenset[str] | None) -> ToolCall | None:

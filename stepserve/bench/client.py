@@ -49,6 +49,17 @@ def fetch_model_id(base_url: str) -> str | None:
         return None
 
 
+def fetch_model_path(base_url: str) -> str | None:
+    """The tokenizer (else model) path the server reports at /get_model_info, None if it does not say."""
+    try:
+        resp = httpx.get(f"{base_url}/get_model_info", headers=auth_headers(), timeout=10.0)
+        resp.raise_for_status()
+        info = resp.json()
+        return info.get("tokenizer_path") or info.get("model_path")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+
+
 def build_payload(chat: bool, model: str, prompt: str, image_data: list[str], output_len: int, stream: bool,
                   ignore_eos: bool, extra: dict[str, Any]) -> dict[str, Any]:
     """The request body bench_serving sends; `extra` (--extra-request-body) overrides any default."""

@@ -67,13 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_tokenizer(tokenizer: str | None, model: str | None) -> Any:
-    """`--tokenizer`, else the model's: None is the built-in tiny model, a directory itself, a hub id downloaded
-    without its weights."""
+def load_tokenizer(tokenizer: str | None, model: str | None, base_url: str | None = None) -> Any:
+    """`--tokenizer`; else the one the server reports (/get_model_info) if it resolves here, so that text and
+    vision tokens split exactly as the server counts them (the served name may be an alias); else the model's.
+    A model is None (the built-in tiny one), a directory, or a hub id downloaded without its weights."""
     from stepserve import loader
+    from stepserve.errors import ModelLoadError
 
-    path = tokenizer or loader.resolve_model_dir(model, download_weights=False)
-    return loader.load_tokenizer(path)
+    if tokenizer:
+        return loader.load_tokenizer(tokenizer)
+    served = http.fetch_model_path(base_url) if base_url else None
+    if served:
+        try:
+            return loader.load_tokenizer(loader.resolve_model_dir(served, download_weights=False))
+        except ModelLoadError:
+            pass
+    return loader.load_tokenizer(loader.resolve_model_dir(model, download_weights=False))
 
 
 def make_requests(args: argparse.Namespace, tokenizer: Any, rng: np.random.Generator) -> list[datasets.BenchRequest]:
@@ -217,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or http.fetch_model_id(base_url)
     if model is None:
         raise SystemExit(f"--model not given and {base_url}/v1/models did not answer")
-    tokenizer = load_tokenizer(args.tokenizer, args.model or model)
+    tokenizer = load_tokenizer(args.tokenizer, args.model or model, base_url)
 
     requests = make_requests(args, tokenizer, rng)
     if args.dataset_name == "image":

@@ -55,6 +55,9 @@ class Engine:
         self.chat_template = loader.load_chat_template(self.model_dir, config.chat_template)
         max_pos, self.eos_ids = _model_limits(self.model_dir)
         self.context_length = config.context_length or max_pos
+        if self.context_length > max_pos:  # positions past the rotary table would fail every step in flight
+            log.warning("context length %d capped to the model's %d positions", self.context_length, max_pos)
+            self.context_length = max_pos
         self.token_ids = ImageTokenIds.from_tokenizer(self.tokenizer)
         self.image_token_id = self.token_ids.im_patch
         self.image_processor = ImageProcessor(self.token_ids)
@@ -260,6 +263,11 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def abort_all(self) -> None:
+        """Abort every request with an open stream (server shutdown): each ends with finish_reason "abort"."""
+        for request_id in list(self._streams):
+            self.abort(request_id)
+
     def stats(self) -> dict:
         return self.engine.stats()
 
@@ -286,7 +294,9 @@ class AsyncEngine:
                 except Exception as e:  # duplicate ids and the like: fail this request only
                     self._deliver(rid, e)
             else:
-                self.engine.abort(cmd[1])
+                out = self.engine.abort(cmd[1])
+                if out is not None:  # a consumer still listening (not a disconnect) gets the final output
+                    self._deliver(cmd[1], out)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

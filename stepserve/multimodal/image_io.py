@@ -171,7 +171,10 @@ def _decode(data: bytes, max_pixels: int, param: str | None) -> Image.Image:
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise PayloadTooLargeError(f"image is too large: {e}", param) from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except UnidentifiedImageError:  # its text names only our BytesIO
+        raise InvalidRequestError(f"cannot decode image: {len(data)} bytes in no image format known to PIL",
+                                  param) from None
+    except (OSError, ValueError) as e:
         raise InvalidRequestError(f"cannot decode image: {e}", param) from None
     _check_pixels(img.size, max_pixels, param)
     return _to_rgb(img, param, owned=True)
