@@ -114,9 +114,9 @@ def sweep_grid(M: int) -> list[dict]:
     if M > 1:
         return dot
     fma = [dict(use_dot=False, block_n=bn, block_k=FMA_K_PER_WARP * w * kmul, num_warps=w, num_stages=1)
-           for bn, w, kmul in ((8, 4, 1), (4, 4, 1), (16, 4, 1), (8, 2, 1), (16, 2, 1), (4, 8, 1), (8, 8, 1),
-                               (8, 4, 2), (16, 4, 2))]
-    fma += [dict(use_dot=False, block_n=8, block_k=FMA_K_PER_WARP * 4, num_warps=4, num_stages=1, split_k=s)
+           for bn, w, kmul in ((8, 4, 2), (8, 2, 2), (8, 4, 1), (16, 4, 1), (4, 4, 2), (16, 2, 1), (8, 8, 2),
+                               (4, 8, 1))]
+    fma += [dict(use_dot=False, block_n=8, block_k=FMA_K_PER_WARP * 8, num_warps=4, num_stages=1, split_k=s)
             for s in (2, 3)]
     return fma + dot
 

@@ -7,8 +7,10 @@ columns (rows of W) and walks K in BLOCK_K steps with 16-byte loads along each c
 accumulating in float32. Two ways to do the arithmetic, chosen per shape by `default_config` (see
 benchmarks/NOTES-gemv.md for the measurements):
 - register ("fma", M == 1): plain loads, each thread multiplies its 16-byte vectors by the matching slice of
-  x and sums them into one float32 per row; the cross-thread sum over K runs once, after the loop. Loads
-  stay in flight through occupancy (~56 registers at 8 rows of W per program: 8 programs per SM).
+  x and sums them into one float32 per row; the cross-thread sum over K runs once, after the loop. Triton
+  does not pipeline plain loads (num_stages has no effect on them, and ptxas sinks a hand-written
+  prefetch below the arithmetic to save registers), so bytes in flight come from the loads a step issues
+  before its first product and from occupancy: see `default_config`.
 - tensor core ("dot", any M <= 16): x padded to 16 rows (masked, so the padding reads nothing), W as the
   left operand in [BLOCK_N, BLOCK_K] tiles, K-contiguous as stored; Triton pipelines the tiles through
   shared memory with 16-byte cp.async, `num_stages` deep (mma.sync at BLOCK_N 16/32, wgmma from 64).
@@ -102,11 +104,13 @@ def default_config(M: int, N: int, K: int, num_sms: int) -> dict:
     """Launch config for an [M, K] x [N, K].T product with M <= SMALL_M_MAX (see benchmarks/NOTES-gemv.md).
 
     M = 1 takes the register path with 8 rows of W per program: N / 8 programs (512 for the 4096-wide layers,
-    ~19k for lm_head), so every SM streams W from several resident programs and the last wave is short.
+    ~19k for lm_head), so every SM streams W from ~4 resident programs and the last wave is short.
     Larger M takes the tensor-core path with 16 rows per program. Split-K only where programs < SMs."""
     if M == 1:
+        # Two 16-byte vectors per row per thread: ptxas then issues 14 of a step's 16 loads before the first
+        # product (at one vector it issues 4 of 8, then waits), ~28 KB in flight per program, 4 per SM.
         cfg = {"use_dot": False, "block_n": 8, "num_warps": 4, "num_stages": 1}
-        cfg["block_k"] = FMA_K_PER_WARP * cfg["num_warps"]
+        cfg["block_k"] = 2 * FMA_K_PER_WARP * cfg["num_warps"]
     else:
         cfg = {"use_dot": True, "block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 4}
     tiles = triton.cdiv(N, cfg["block_n"])
