@@ -107,11 +107,9 @@ class ModelRunner:
                 self._image_rows(seq, start, start + n, mm_rows, mm_mask)
             else:
                 mm_mask.extend([False] * n)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         mm_embeds = torch.cat(mm_rows).to(self.device, self.dtype) if mm_rows else None
-        mask = torch.tensor(mm_mask, dtype=torch.bool, device=self.device) if mm_rows else None
-        ctx, cu = self._context(batch)
+        mask = torch.tensor(mm_mask, dtype=torch.bool).to(self.device, non_blocking=True) if mm_rows else None
+        ctx, input_ids, pos, cu = self._context(batch, ids, positions)
         if batch.is_decode and not mm_rows and self.graphs is not None and self.graphs.can_run(len(batch)):
             logits = self.graphs.run(input_ids, pos, ctx.slot_mapping, ctx.kv_lens, ctx.block_tables)
             return self._sample(batch.seqs, logits)
@@ -125,28 +123,30 @@ class ModelRunner:
         seqs = [batch.seqs[i] for i in sampled]
         return self._sample(seqs, logits)
 
-    def _context(self, batch: ScheduledBatch) -> tuple[ForwardContext, list[int]]:
+    def _context(self, batch: ScheduledBatch, ids: list[int], positions: list[int]
+                 ) -> tuple[ForwardContext, torch.Tensor, torch.Tensor, list[int]]:
+        """The step's ForwardContext, input ids and positions, moved to the device in two copies."""
         q_lens = list(batch.num_new)
         kv_lens = [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)]
+        ps, width = self.page_size, max(len(s.pages) for s in batch.seqs)
         slots: list[int] = []
-        width = max(len(s.pages) for s in batch.seqs)
-        table = torch.zeros(len(batch), width, dtype=torch.int32)
-        for i, (seq, q, kv) in enumerate(zip(batch.seqs, q_lens, kv_lens)):
+        table: list[int] = []
+        for seq, q, kv in zip(batch.seqs, q_lens, kv_lens):
             pages = seq.pages
-            table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-            ps = self.page_size
+            table.extend(pages)
+            table.extend([0] * (width - len(pages)))
             slots.extend(pages[p // ps] * ps + p % ps for p in range(kv - q, kv))
         cu = [0]
         for q in q_lens:
             cu.append(cu[-1] + q)
+        b, t = len(batch), len(ids)
+        small = torch.tensor(cu + kv_lens + table, dtype=torch.int32).to(self.device, non_blocking=True)
+        big = torch.tensor(ids + positions + slots, dtype=torch.int64).to(self.device, non_blocking=True)
         ctx = ForwardContext(
-            cu_q_lens=torch.tensor(cu, dtype=torch.int32, device=self.device),
-            kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=self.device),
-            block_tables=table.to(self.device, non_blocking=True),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
-            max_q_len=max(q_lens), max_kv_len=max(kv_lens), q_lens_cpu=q_lens, kv_lens_cpu=kv_lens,
-            kv_scale=self.kv_scale)
-        return ctx, cu
+            cu_q_lens=small[: b + 1], kv_lens=small[b + 1 : 2 * b + 1], block_tables=small[2 * b + 1 :].view(b, width),
+            slot_mapping=big[2 * t :], max_q_len=max(q_lens), max_kv_len=max(kv_lens), q_lens_cpu=q_lens,
+            kv_lens_cpu=kv_lens, kv_scale=self.kv_scale)
+        return ctx, big[:t], big[t : 2 * t], cu
 
     # -- images -----------------------------------------------------------------------------------
     def _image_rows(self, seq: Sequence, start: int, end: int, rows: list, mask: list) -> None:
