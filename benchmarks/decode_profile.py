@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--batch", default="1,16,64")
     ap.add_argument("--prompt", type=int, default=1412)
     ap.add_argument("--cprofile", action="store_true", help="print the host functions' own time (largest batch)")
+    ap.add_argument("--compare-linear", action="store_true",
+                    help="also time the graph replays with cuBLAS for the decode linears instead of the skinny kernel")
     args = ap.parse_args()
     engine = Engine(EngineConfig(model=str(real_dummy_checkpoint("/tmp/step3-vl-10b-dummy")), load_format="dummy",
                                  context_length=32768))
@@ -91,6 +93,14 @@ def main() -> None:
         row = {"batch": bs, "graph_replay_ms": replay_ms(engine, bs), **steps}
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+    if args.compare_linear:
+        from stepserve.layers.dispatch import register_kernel
+
+        register_kernel("linear", None)
+        engine.runner.capture_graphs(engine.context_length)
+        for row in rows:
+            row["graph_replay_ms_cublas"] = replay_ms(engine, row["batch"])
+            print(json.dumps({"batch": row["batch"], "graph_replay_ms_cublas": round(row["graph_replay_ms_cublas"], 3)}))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "decode_profile.json"), "w") as f:
             json.dump(rows, f)

@@ -177,11 +177,11 @@ def test_silu_and_mul(kern):
 
 def test_install_registers_every_layer_function():
     import stepserve.kernels as kernels
-    from stepserve.layers import attention, dispatch, quant
+    from stepserve.layers import attention, dispatch, linear, quant
 
     layer_fns = {"rms_norm": norm_ref.rms_norm, "fused_add_rms_norm": norm_ref.fused_add_rms_norm,
                  "apply_rotary": rope_ref.apply_rotary, "qk_norm_rope": rope_ref.qk_norm_rope,
-                 "silu_and_mul": act_ref.silu_and_mul, "fp8_linear": quant.fp8_linear}
+                 "silu_and_mul": act_ref.silu_and_mul, "fp8_linear": quant.fp8_linear, "linear": linear.linear}
     assert set(kernels.LAYER_KERNELS) == set(layer_fns)
     kernels.install_triton_kernels()
     try:

@@ -161,3 +161,10 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](target, bias if has_bias else target, out, M, N, N,
                                                         HAS_BIAS=has_bias, SPLIT_K=split_k, BLOCK=1024, num_warps=4)
     return out.view(*x.shape[:-1], N)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`layers.linear.linear` on CUDA: the skinny kernel for up to SMALL_M_MAX rows of bf16/fp16, else cuBLAS."""
+    if x.numel() <= SMALL_M_MAX * x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype:
+        return linear_small_m(x, weight, bias)
+    return F.linear(x, weight, bias)

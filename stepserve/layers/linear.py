@@ -12,6 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepserve.errors import ModelLoadError
+from stepserve.layers.dispatch import dispatched
+
+
+@dispatched
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias; on CUDA, decode-sized x (a few rows) goes to a bandwidth-bound skinny kernel."""
+    return F.linear(x, weight, bias)
 
 
 def copy_weight(dst: torch.Tensor, src: torch.Tensor, source: str) -> None:
@@ -45,7 +52,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def load_weight(self, param_name: str, tensor: torch.Tensor, source: str, shard: int | None = None) -> None:
         """Copy checkpoint tensor `source` into `self.<param_name>` (or its rows of shard `shard`)."""
