@@ -84,10 +84,10 @@ class Serving:
     async def _in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    def _token_ids(self, prompt: str | list[int], pil_images: list) -> tuple[list[int], list]:
+    def _token_ids(self, prompt: str | list[int], images: list) -> tuple[list[int], list]:
+        """Tokenize and expand the placeholders of already preprocessed images (ImageInput)."""
         from stepserve.multimodal.processor import expand_prompt  # torch lives there; keep it off import time
 
-        images = [self.engine.image_processor(im) for im in pil_images]
         if isinstance(prompt, str):
             ids = self.engine.tokenizer.encode(prompt, add_special_tokens=False)
         else:
@@ -137,8 +137,10 @@ class Serving:
         prompt, sources = await self._in_pool(render_chat, req.messages, self.engine.tokenizer,
                                               self.engine.chat_template, req.template_tools(), True,
                                               req.chat_template_kwargs)
+        # Each image is preprocessed in its own pool task, so a request's images are prepared in parallel.
         pil_images = await self._load_images(sources, image_part_params(req.messages))
-        ids, images = await self._in_pool(self._token_ids, prompt, pil_images)
+        inputs = await asyncio.gather(*(self._in_pool(self.engine.image_processor, im) for im in pil_images))
+        ids, images = await self._in_pool(self._token_ids, prompt, list(inputs))
         params = P.to_sampling_params(req, self.engine.context_length, len(ids))
         rid = P.new_id("chatcmpl-")
         stream = _Generation(self, rid, t0, self.engine.generate(ids, images, params, rid, prompt=prompt))
