@@ -44,6 +44,8 @@ def _model_limits(model_dir: Path) -> tuple[int, list[int]]:
 
 class Engine:
     def __init__(self, config: EngineConfig):
+        if config.tp_size != 1:
+            raise ValueError(f"--tp-size {config.tp_size}: tensor parallelism is not implemented yet (one GPU only)")
         self.config = config
         self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
                                    else "cpu" if config.device == "auto" else config.device)
