@@ -103,9 +103,10 @@ def test_abort_returns_every_page():
     assert engine.stats()["kv_usage"] > 0
     for i in range(12):
         engine.abort(f"r{i}")
-    assert not engine.has_work()
     engine.pool.check_invariants()
     assert engine.stats()["num_kv_pages_free"] == engine.stats()["num_kv_pages_total"]
+    assert engine.step() == []  # the step still queued when they were aborted is taken in and dropped
+    assert not engine.has_work()
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(llm):

@@ -76,6 +76,7 @@ class Engine:
         self.scheduler = Scheduler(self.pool, config.max_running_requests,
                                    max(config.max_prefill_tokens, config.max_running_requests), config.chunked_prefill_size)
         self.seqs: dict[str, list[Sequence]] = {}
+        self.launched = None  # the step queued on the GPU whose tokens the host has not taken in yet
         self.prompts: dict[str, str | None] = {}
         self.num_finished = 0
         log.info("engine ready in %.1fs: %s on %s (%s), context %d, %d KV pages", time.perf_counter() - start,
@@ -108,7 +109,8 @@ class Engine:
         now = time.monotonic()
         seqs = []
         for i in range(params.n):
-            seq = Sequence(request_id, i, prompt_ids, params, seed=base + i, spans=spans, keys=keys, arrival=now)
+            seq = Sequence(request_id, i, prompt_ids, params, seed=base + i, spans=spans, keys=keys, arrival=now,
+                           max_output=min(params.max_tokens or room, room))
             seq.detok = DetokenizeState(self.tokenizer, prompt_ids, params)
             seqs.append(seq)
         return seqs
@@ -136,18 +138,40 @@ class Engine:
         return self._output(request_id, {})
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.launched is not None
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Queue step N+1 on the GPU, then take in step N's tokens while it runs (overlap scheduling).
+
+        Step N+1 reads N's sampled ids on the device, so the host's bookkeeping (detokenization, stop checks,
+        outputs) never leaves the GPU idle. A sequence that stopped at N has computed one token too many;
+        it is dropped. Penalties need every earlier token on the host, so those steps run one at a time.
+        """
+        outputs = []
+        if self.launched is not None and any(s.needs_history for s in self.scheduler.running):
+            outputs, self.launched = self._take(self.launched), None
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
-        result = self.runner.run(batch)
-        self.scheduler.after_step(batch)
+        launched = None
+        if batch.seqs:
+            launched = self.runner.run(batch)
+            self.scheduler.after_step(batch)
+        previous, self.launched = self.launched, launched
+        if previous is not None:
+            outputs += self._take(previous)
+        return outputs
+
+    def _take(self, launched) -> list[RequestOutput]:
+        """Record a launched step's sampled tokens (waiting for the GPU), finishing sequences that stop."""
+        result = self.runner.collect(launched)
         deltas: dict[str, dict[int, tuple]] = {}
         for j, (seq, token) in enumerate(zip(result.seqs, result.token_ids)):
+            seq.num_pending -= 1
+            if seq.finished:  # aborted, or stopped at the step before: this token is past its end
+                continue
             deltas.setdefault(seq.request_id, {})[seq.index] = self._append(seq, token, result, j)
+            if not seq.finished:
+                self.pool.commit(seq)
         return [self._output(rid, d) for rid, d in deltas.items()]
 
     def _append(self, seq: Sequence, token: int, result, j: int) -> tuple[str, list[int], list[Logprob]]:
@@ -167,10 +191,8 @@ class Engine:
             text, hit = seq.detok.update([token])
             if hit is not None:
                 seq.finish_reason, seq.stop_reason = "stop", hit
-        if seq.finish_reason is None:
-            limit = params.max_tokens if params.max_tokens is not None else self.context_length
-            if len(seq.output_ids) >= limit or seq.num_tokens >= self.context_length:
-                seq.finish_reason = "length"
+        if seq.finish_reason is None and len(seq.output_ids) >= seq.max_output:
+            seq.finish_reason = "length"
         if seq.finish_reason is not None:
             if seq.finish_reason == "length" or isinstance(seq.stop_reason, int):
                 text += seq.detok.flush()

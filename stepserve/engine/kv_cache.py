@@ -93,7 +93,7 @@ class PagePool:
         """Register the sequence's newly filled pages (all of whose tokens have K/V) in the prefix cache."""
         if not self.enable_prefix_cache:
             return
-        full = seq.num_computed // self.page_size
+        full = min(seq.num_computed, seq.num_known) // self.page_size
         parent = seq.page_hashes[-1] if seq.page_hashes else 0
         for i in range(seq.num_hashed_pages, full):
             h = page_hash(parent, [seq.key_at(j) for j in range(i * self.page_size, (i + 1) * self.page_size)])

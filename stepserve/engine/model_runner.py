@@ -27,6 +27,17 @@ class StepResult:
     top_logprobs: list[list[tuple[int, float]]] | None
 
 
+@dataclass
+class LaunchedStep:
+    """A step whose GPU work is queued: its sampled ids reach the host when `done` fires."""
+
+    seqs: list[Sequence]
+    token_ids: torch.Tensor | None  # host copies, filled asynchronously
+    logprobs: torch.Tensor | None = None
+    top_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
+    done: torch.cuda.Event | None = None
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
                  eos_ids: list[int], num_tokens: int):
@@ -37,6 +48,7 @@ class ModelRunner:
         self.encoder_cache = EncoderCache(config.encoder_cache_size)
         self.num_encoded_images = 0
         self.sampler = Sampler()
+        self.last_sampled: torch.Tensor | None = None  # the newest step's sampled ids, on the device
         if device.type == "cuda":
             from stepserve.kernels import install_triton_kernels
 
@@ -96,11 +108,16 @@ class ModelRunner:
 
     # -- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> StepResult:
+    def run(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Queue the step's GPU work and return without waiting for it (`collect` waits)."""
         self.prefetch_images(batch)
         ids, positions, mm_rows, mm_mask = [], [], [], []
+        pending_at, pending_rows = [], []  # inputs sampled by the previous step, still on the device
         for seq, n in zip(batch.seqs, batch.num_new):
             start = seq.num_computed
+            if start + n > seq.num_known:
+                pending_at.append(len(ids) + seq.num_known - start)
+                pending_rows.append(seq.pending_row)
             ids.extend(seq.token_at(i) for i in range(start, start + n))
             positions.extend(range(start, start + n))
             if start < len(seq.prompt_ids) and seq.spans:
@@ -110,6 +127,9 @@ class ModelRunner:
         mm_embeds = torch.cat(mm_rows).to(self.device, self.dtype) if mm_rows else None
         mask = torch.tensor(mm_mask, dtype=torch.bool).to(self.device, non_blocking=True) if mm_rows else None
         ctx, input_ids, pos, cu = self._context(batch, ids, positions)
+        if pending_at:
+            at = torch.tensor(pending_at + pending_rows, dtype=torch.long).to(self.device, non_blocking=True)
+            input_ids[at[: len(pending_at)]] = self.last_sampled[at[len(pending_at) :]]
         if batch.is_decode and not mm_rows and self.graphs is not None and self.graphs.can_run(len(batch)):
             logits = self.graphs.run(input_ids, pos, ctx.slot_mapping, ctx.kv_lens, ctx.block_tables)
             return self._sample(batch.seqs, logits)
@@ -117,7 +137,7 @@ class ModelRunner:
             hidden = self.model(input_ids, pos, mm_embeds, mask)
         sampled = [i for i in range(len(batch)) if batch.samples(i)]
         if not sampled:
-            return StepResult([], [], None, None)
+            return LaunchedStep([], None)
         last = torch.tensor([cu[i + 1] - 1 for i in sampled], device=self.device)
         logits = self.model.compute_logits(hidden[last])
         seqs = [batch.seqs[i] for i in sampled]
@@ -196,18 +216,40 @@ class ModelRunner:
             seq.image_embeds[k] = fresh[seq.spans[k].image.hash]
 
     # -- sampling ---------------------------------------------------------------------------------
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> StepResult:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> LaunchedStep:
         if self.num_tokens < logits.shape[-1]:
             logits[:, self.num_tokens :] = float("-inf")
         sb = SamplingBatch.build(
-            params=[s.params for s in seqs], seeds=[s.seed for s in seqs], steps=[len(s.output_ids) for s in seqs],
+            params=[s.params for s in seqs], seeds=[s.seed for s in seqs],
+            steps=[len(s.output_ids) + s.num_pending for s in seqs],
             output_ids=[s.output_ids for s in seqs], prompt_ids=[s.prompt_ids for s in seqs],
             vocab_size=logits.shape[-1], device=self.device, eos_ids=self.eos_ids)
         res = self.sampler.sample(logits, sb)
-        token_ids = res.token_ids.tolist()
-        logprobs = res.logprobs.tolist() if res.logprobs is not None else None
+        self.last_sampled = res.token_ids
+        for row, seq in enumerate(seqs):
+            seq.num_pending += 1
+            seq.pending_row = row
+        step = LaunchedStep(seqs, self._to_host(res.token_ids), self._to_host(res.logprobs),
+                            None if res.top_logprobs is None else tuple(self._to_host(t) for t in res.top_logprobs))
+        if self.device.type == "cuda":
+            step.done = torch.cuda.Event()
+            step.done.record()
+        return step
+
+    def _to_host(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or self.device.type != "cuda":
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+
+    @staticmethod
+    def collect(step: LaunchedStep) -> StepResult:
+        """Wait for a launched step's sampled ids (and logprobs) on the host."""
+        if step.done is not None:
+            step.done.synchronize()
+        logprobs = step.logprobs.tolist() if step.logprobs is not None else None
         top = None
-        if res.top_logprobs is not None:
-            vals, idx = (t.tolist() for t in res.top_logprobs)
+        if step.top_logprobs is not None:
+            vals, idx = (t.tolist() for t in step.top_logprobs)
             top = [list(zip(i, v)) for i, v in zip(idx, vals)]
-        return StepResult(seqs, token_ids, logprobs, top)
+        return StepResult(step.seqs, step.token_ids.tolist() if step.seqs else [], logprobs, top)

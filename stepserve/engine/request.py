@@ -70,6 +70,7 @@ def cache_keys(prompt_ids: list[int], spans: list[ImageSpan]) -> list[int]:
 
 
 _seq_counter = itertools.count()
+PENDING = -1  # token_at() of a position whose id is still on the device
 
 
 @dataclass(eq=False)
@@ -87,6 +88,9 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[Logprob] | None = None
     num_computed: int = 0  # tokens whose K/V are in the cache
+    num_pending: int = 0  # sampled tokens still on the device (the host learns them one step later)
+    pending_row: int = -1  # row of the newest pending token in the model runner's last sampled ids
+    max_output: int = 1 << 30  # output tokens allowed: max_tokens, capped by the context length
     num_cached: int = 0  # prompt tokens served from the prefix cache at the last admission
     pages: list[int] = field(default_factory=list)
     num_hashed_pages: int = 0  # leading pages registered in the prefix cache
@@ -102,12 +106,21 @@ class Sequence:
             self.keys = list(self.prompt_ids)
 
     @property
-    def num_tokens(self) -> int:
+    def num_known(self) -> int:
+        """Tokens whose ids the host knows."""
         return len(self.prompt_ids) + len(self.output_ids)
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the sequence, including sampled ones still on the device."""
+        return self.num_known + self.num_pending
+
     def token_at(self, i: int) -> int:
+        """Token id at position i, or PENDING for a token sampled on the device and not yet seen here."""
         n = len(self.prompt_ids)
-        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+        if i < n:
+            return self.prompt_ids[i]
+        return self.output_ids[i - n] if i - n < len(self.output_ids) else PENDING
 
     def key_at(self, i: int) -> int:
         n = len(self.prompt_ids)
@@ -117,6 +130,12 @@ class Sequence:
     def is_prefilling(self) -> bool:
         """True until every token but the last sampled one has K/V in the cache."""
         return self.num_computed < self.num_tokens - 1
+
+    @property
+    def needs_history(self) -> bool:
+        """Penalties read every earlier token, so this sequence's steps cannot run ahead of the host."""
+        p = self.params
+        return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
     @property
     def finished(self) -> bool:

@@ -57,7 +57,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         while True:
             batch = self._schedule_once()
-            if batch.seqs or not self.running:
+            if batch.seqs or not self.running or any(s.num_pending for s in self.running):
                 return batch
             # Every running sequence is a prefill stuck on pages held by the others: free the newest.
             self._preempt(self.running[-1])
@@ -66,7 +66,8 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_step_tokens
         # 1. Decodes: one token each; preempt from the back when a new page cannot be found.
-        decoding = [s for s in self.running if not s.is_prefilling]
+        # A sequence whose last allowed token is already sampled (pending) has nothing left to run.
+        decoding = [s for s in self.running if not s.is_prefilling and len(s.output_ids) + s.num_pending < s.max_output]
         for seq in decoding:
             if seq.status is not Status.RUNNING:
                 continue  # preempted while making room for an earlier one
