@@ -10,13 +10,9 @@ Tolerances, all on float32 models so that only fp8 rounding differs:
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 
-# triton picks interpreter or compiler when a @triton.jit function is defined (see test_kernels_interpret.py).
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_interpret import interpreted_triton  # before anything imports triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -125,11 +121,7 @@ def test_fp8_linear_reference_is_dequantize_then_linear():
 # -- the Triton kernel under the interpreter ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gemm():
-    triton = pytest.importorskip("triton")
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(triton.language.cdiv, InterpretedFunction):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file on its own")
+    interpreted_triton()
     from stepserve.kernels import fp8_gemm
     return fp8_gemm
 

@@ -7,13 +7,7 @@ device. Shapes are small and odd on purpose: partial K steps, a last tile of row
 
 from __future__ import annotations
 
-import os
-import sys
-
-# triton picks interpreter-or-compiler when each @triton.jit function is defined: set this before triton is
-# first imported (the same guard as tests/test_kernels_interpret.py, so both files run in one session).
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_interpret import interpreted_triton  # before anything imports triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -23,11 +17,7 @@ triton = pytest.importorskip("triton")
 
 @pytest.fixture(scope="module")
 def gemv():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(triton.language.cdiv, InterpretedFunction):
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (by an earlier test module): "
-                    "run this file on its own, or set TRITON_INTERPRET=1 for the whole CPU test run")
+    interpreted_triton()
     from stepserve.kernels import gemv
 
     return gemv

@@ -9,14 +9,9 @@ rounds like torch; tests/gpu/test_kernels.py covers bfloat16 on the device.
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from types import SimpleNamespace
 
-# triton decides interpreter-or-compiler when each @triton.jit function is defined, its own library
-# (tl.cdiv, tl.cumsum) included, so this must be set before triton is first imported.
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_interpret import interpreted_triton  # before anything imports triton
 
 import pytest  # noqa: E402
 
@@ -33,11 +28,7 @@ from stepserve.layers.attention import build_context, paged_attention_reference 
 
 @pytest.fixture(scope="module")
 def kern():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(triton.language.cdiv, InterpretedFunction):
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (by an earlier test module): "
-                    "run this file on its own, or set TRITON_INTERPRET=1 for the whole CPU test run")
+    interpreted_triton()
     # import_module: the package re-exports the function `paged_attention` under the module's name.
     return SimpleNamespace(**{m: importlib.import_module(f"stepserve.kernels.{m}")
                               for m in ("activation", "paged_attention", "rmsnorm", "rotary")})

@@ -24,6 +24,7 @@ from stepserve.engine.request import Sequence, cache_keys, image_spans
 from stepserve.engine.sampling_params import SamplingParams
 from stepserve.engine.scheduler import Scheduler
 from stepserve.errors import InvalidRequestError
+from stepserve.models.configs import TextConfig, read_config_dict
 from stepserve.multimodal.processor import ImageInput, ImageProcessor, ImageTokenIds, expand_prompt
 from stepserve.testing import TINY_MODEL_NAME
 
@@ -32,14 +33,14 @@ log = logging.getLogger(__name__)
 
 def _model_limits(model_dir: Path) -> tuple[int, list[int]]:
     """(max positions, eos ids) from config.json / generation_config.json."""
-    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg = read_config_dict(model_dir)
     text = cfg.get("text_config", cfg)
     eos = text.get("eos_token_id", cfg.get("eos_token_id"))
     gen = model_dir / "generation_config.json"
     if gen.exists():
         eos = json.loads(gen.read_text()).get("eos_token_id", eos)
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return int(text.get("max_position_embeddings", 32768)), eos
+    return TextConfig.from_dict(text).max_position_embeddings, eos
 
 
 class Engine:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from stepserve.engine.cuda_graph import DecodeGraphs
 from stepserve.engine.request import Sequence
 from stepserve.engine.sampling import Sampler, SamplingBatch
 from stepserve.engine.scheduler import ScheduledBatch
-from stepserve.layers.attention import ForwardContext, forward_context
+from stepserve.layers.attention import build_context, forward_context
 from stepserve.multimodal.encoder_cache import EncoderCache
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,11 @@ class ModelRunner:
                 mm_mask.extend([False] * n)
         mm_embeds = torch.cat(mm_rows).to(self.device, self.dtype) if mm_rows else None
         mask = torch.tensor(mm_mask, dtype=torch.bool).to(self.device, non_blocking=True) if mm_rows else None
-        ctx, input_ids, pos, cu = self._context(batch, ids, positions)
+        kv_lens = [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)]
+        ctx = build_context(batch.num_new, kv_lens, [s.pages for s in batch.seqs], self.page_size, self.device,
+                            self.kv_scale)
+        tokens = torch.tensor(ids + positions, dtype=torch.int64).to(self.device, non_blocking=True)
+        input_ids, pos = tokens[: len(ids)], tokens[len(ids) :]
         if pending_at:
             at = torch.tensor(pending_at + pending_rows, dtype=torch.long).to(self.device, non_blocking=True)
             input_ids[at[: len(pending_at)]] = self.last_sampled[at[len(pending_at) :]]
@@ -138,35 +143,11 @@ class ModelRunner:
         sampled = [i for i in range(len(batch)) if batch.samples(i)]
         if not sampled:
             return LaunchedStep([], None)
-        last = torch.tensor([cu[i + 1] - 1 for i in sampled], device=self.device)
+        ends = list(itertools.accumulate(batch.num_new))
+        last = torch.tensor([ends[i] - 1 for i in sampled], device=self.device)
         logits = self.model.compute_logits(hidden[last])
         seqs = [batch.seqs[i] for i in sampled]
         return self._sample(seqs, logits)
-
-    def _context(self, batch: ScheduledBatch, ids: list[int], positions: list[int]
-                 ) -> tuple[ForwardContext, torch.Tensor, torch.Tensor, list[int]]:
-        """The step's ForwardContext, input ids and positions, moved to the device in two copies."""
-        q_lens = list(batch.num_new)
-        kv_lens = [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)]
-        ps, width = self.page_size, max(len(s.pages) for s in batch.seqs)
-        slots: list[int] = []
-        table: list[int] = []
-        for seq, q, kv in zip(batch.seqs, q_lens, kv_lens):
-            pages = seq.pages
-            table.extend(pages)
-            table.extend([0] * (width - len(pages)))
-            slots.extend(pages[p // ps] * ps + p % ps for p in range(kv - q, kv))
-        cu = [0]
-        for q in q_lens:
-            cu.append(cu[-1] + q)
-        b, t = len(batch), len(ids)
-        small = torch.tensor(cu + kv_lens + table, dtype=torch.int32).to(self.device, non_blocking=True)
-        big = torch.tensor(ids + positions + slots, dtype=torch.int64).to(self.device, non_blocking=True)
-        ctx = ForwardContext(
-            cu_q_lens=small[: b + 1], kv_lens=small[b + 1 : 2 * b + 1], block_tables=small[2 * b + 1 :].view(b, width),
-            slot_mapping=big[2 * t :], max_q_len=max(q_lens), max_kv_len=max(kv_lens), q_lens_cpu=q_lens,
-            kv_lens_cpu=kv_lens, kv_scale=self.kv_scale)
-        return ctx, big[:t], big[t : 2 * t], cu
 
     # -- images -----------------------------------------------------------------------------------
     def _image_rows(self, seq: Sequence, start: int, end: int, rows: list, mask: list) -> None:

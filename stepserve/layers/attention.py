@@ -61,22 +61,27 @@ def forward_context(ctx: ForwardContext):
 
 def build_context(q_lens: list[int], kv_lens: list[int], block_tables: list[list[int]], page_size: int,
                   device: torch.device | str = "cpu", kv_scale: float = 1.0) -> ForwardContext:
-    """Context for sequences whose last `q_lens[i]` of `kv_lens[i]` tokens are new this step."""
+    """Context for sequences whose last `q_lens[i]` of `kv_lens[i]` tokens are new this step.
+
+    The metadata reaches the device in two copies: one int32 buffer (offsets, lengths, page table) and the
+    int64 slot mapping."""
+    b = len(q_lens)
+    width = max((len(p) for p in block_tables), default=1) or 1
+    table: list[int] = []
     slots: list[int] = []
     for q, kv, pages in zip(q_lens, kv_lens, block_tables):
-        for pos in range(kv - q, kv):
-            slots.append(pages[pos // page_size] * page_size + pos % page_size)
-    width = max((len(p) for p in block_tables), default=1) or 1
-    table = torch.zeros(len(block_tables), width, dtype=torch.int32)
-    for i, pages in enumerate(block_tables):
-        table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-    cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
+        table.extend(pages)
+        table.extend([0] * (width - len(pages)))
+        slots.extend(pages[p // page_size] * page_size + p % page_size for p in range(kv - q, kv))
+    cu = [0]
+    for q in q_lens:
+        cu.append(cu[-1] + q)
+    small = torch.tensor(cu + list(kv_lens) + table, dtype=torch.int32).to(device, non_blocking=True)
     return ForwardContext(
-        cu_q_lens=cu.to(device),
-        kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=device),
-        block_tables=table.to(device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        cu_q_lens=small[: b + 1],
+        kv_lens=small[b + 1 : 2 * b + 1],
+        block_tables=small[2 * b + 1 :].view(b, width),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
         max_q_len=max(q_lens, default=0),
         max_kv_len=max(kv_lens, default=0),
         q_lens_cpu=list(q_lens),
