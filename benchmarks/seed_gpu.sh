@@ -4,11 +4,11 @@
 # vision tower micro-benchmark. Results land in $OUT (logs, JSONL, JSON) and a markdown table on stdout.
 #
 #   usage (on the device, repo root, with .whl carried):  bash benchmarks/seed_gpu.sh [STAGES]
-#   STAGES: comma list of tests,kernels,latency,throughput,peer,vision (default: all)
+#   STAGES: comma list of tests,kernels,ttft,latency,throughput,peer,vision (default: all)
 #   NUM_PROMPTS_TP: prompts for the throughput run (default 1000)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STAGES=${1:-tests,kernels,latency,throughput,peer,vision}
+STAGES=${1:-tests,kernels,ttft,latency,throughput,peer,vision}
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -26,6 +26,9 @@ fi
 
 MODEL_DIR=/tmp/step3-vl-10b-dummy
 python3 -c "from stepserve.testing import real_dummy_checkpoint; real_dummy_checkpoint('$MODEL_DIR')"
+if has ttft; then
+  python3 benchmarks/ttft_breakdown.py --model-dir "$MODEL_DIR" 2>&1 | grep -v Loading | tee "$OUT/ttft.txt" | tail -3
+fi
 BENCH="python3 -m stepserve.bench_serving --backend sglang-oai-chat --host 127.0.0.1 --port 30000 \
   --model stepfun-ai/Step3-VL-10B --tokenizer $MODEL_DIR --dataset-name image --image-count 2 \
   --image-resolution 720p --random-input-len 128 --random-output-len 1024 --disable-tqdm"
