@@ -55,13 +55,16 @@ def _paged_case(q_lens, kv_lens, *, num_heads=4, num_kv_heads=2, head_dim=32, pa
     return q, kv_cache, ctx
 
 
+@pytest.mark.parametrize("separate_reduce", [False, True])
 @pytest.mark.parametrize("kv_dtype,kv_scale", [(torch.float16, 1.0), (torch.float8_e4m3fn, 0.37)])
-@pytest.mark.parametrize("num_splits", [1, 3, None])
-def test_decode_attention(kern, kv_dtype, kv_scale, num_splits):
+@pytest.mark.parametrize("num_splits", [1, 3, 20, None])
+def test_decode_attention(kern, kv_dtype, kv_scale, num_splits, separate_reduce):
+    # 20 splits of 16 keys: the combine walks its 16-split blocks twice for the 45-key sequence.
     q, kv_cache, ctx = _paged_case([1, 1, 1], [1, 13, 45], num_heads=6, num_kv_heads=2,
                                    kv_dtype=kv_dtype, kv_scale=kv_scale)
     ref = paged_attention_reference(q.float(), kv_cache, ctx, 0.25)
-    out = kern.paged_attention.decode_attention(q, kv_cache, ctx, 0.25, num_splits=num_splits, block_n=16)
+    out = kern.paged_attention.decode_attention(q, kv_cache, ctx, 0.25, num_splits=num_splits, block_n=16,
+                                                separate_reduce=separate_reduce)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert _rel_err(out, ref) < 2e-3
 
@@ -70,9 +73,31 @@ def test_decode_padded_sequence_gives_zeros(kern):
     """A CUDA-graph batch padded with kv_len 0 sequences must stay finite (all splits empty)."""
     q, kv_cache, ctx = _paged_case([1, 1], [9, 1])
     ctx.kv_lens[1] = 0
-    for splits in (1, 4):
-        out = kern.paged_attention.decode_attention(q, kv_cache, ctx, 0.2, num_splits=splits, block_n=16)
+    for splits, separate in ((1, False), (4, False), (4, True)):
+        out = kern.paged_attention.decode_attention(q, kv_cache, ctx, 0.2, num_splits=splits, block_n=16,
+                                                    separate_reduce=separate)
         assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_decode_one_launch_replays(kern):
+    """Many launches over the same split counters, as graph replays are, with new lengths, pages and queries:
+    each launch leaves the counters at zero and matches the reference, bit for bit the same when repeated."""
+    pa = kern.paged_attention
+    batch, splits, max_pages, page_size = 3, 5, 6, 4
+    kv_cache = torch.randn(2, batch * max_pages, page_size, 2, 32).to(torch.float16)
+    for _ in range(6):
+        kv_lens = torch.randint(0, max_pages * page_size + 1, (batch,)).tolist()
+        tables = torch.randperm(batch * max_pages).view(batch, max_pages).tolist()
+        ctx = build_context([1] * batch, kv_lens, tables, page_size)
+        q = torch.randn(batch, 4, 32, dtype=torch.float16)
+        out = pa.decode_attention(q, kv_cache, ctx, 0.3, num_splits=splits, block_n=4)
+        assert not pa._split_counters(q.device, 1).any()
+        assert torch.equal(pa.decode_attention(q, kv_cache, ctx, 0.3, num_splits=splits, block_n=4), out)
+        live = [i for i, n in enumerate(kv_lens) if n > 0]
+        ctx_live = build_context([1] * len(live), [kv_lens[i] for i in live], [tables[i] for i in live], page_size)
+        ref = paged_attention_reference(q[live].float(), kv_cache, ctx_live, 0.3)
+        assert _rel_err(out[live], ref) < 2e-3
+        assert not out[[i for i in range(batch) if i not in live]].any()
 
 
 @pytest.mark.parametrize("kv_dtype,kv_scale", [(torch.float16, 1.0), (torch.float8_e4m3fn, 2.0)])
@@ -159,6 +184,64 @@ def test_qk_norm_rope(kern):
     _assert_close(k, k_ref)
 
 
+@pytest.fixture
+def exact_fp8_casts(monkeypatch):
+    """The interpreter casts to float8e4nv rounding half up and dropping the carry into the exponent (31.9 ->
+    16); the device rounds to nearest even, as torch does. Cast through torch in these tests."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    cast = interpreter.InterpreterBuilder.create_fp_to_fp
+
+    def torch_cast(self, src, dst_type, rounding_mode):
+        if dst_type.scalar != triton.language.float8e4nv or src.dtype.scalar.primitive_bitwidth < 16:
+            return cast(self, src, dst_type, rounding_mode)
+        assert src.dtype.scalar != triton.language.bfloat16, "bfloat16 is stored as bits in the interpreter"
+        data = torch.from_numpy(src.data.astype(np.float32)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return interpreter.TensorHandle(data, dst_type.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_fp_to_fp", torch_cast)
+
+
+@pytest.mark.parametrize("kv_dtype,kv_scale", [(torch.float16, 1.0), (torch.float16, 0.5),
+                                               (torch.float8_e4m3fn, 1.0), (torch.float8_e4m3fn, 0.05)])
+def test_qk_norm_rope_store_kv(kern, exact_fp8_casts, kv_dtype, kv_scale):
+    """A prefill after a cached prefix, a decode, a fresh prefill, and two CUDA-graph padding rows that
+    write their (equal) K/V to the scratch slot; pages shuffled. Against qk_norm_rope + store_kv."""
+    from stepserve.layers import attention
+
+    hq, hkv, d, page_size = 6, 2, 32, 4
+    q_lens, kv_lens = [5, 1, 3], [9, 6, 3]
+    pages = torch.randperm(8).tolist()
+    ctx = build_context(q_lens, kv_lens, [pages[:3], pages[3:5], pages[5:6]], page_size)
+    scratch = 8 * page_size  # the first slot of the page past the pool
+    slots = torch.cat([ctx.slot_mapping, torch.tensor([scratch, scratch])])
+    T = len(slots)
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, dtype=torch.float16) * 4
+    qkv[-1] = qkv[-2]  # padding rows carry stale, here equal, inputs
+    q, k, v = (t.view(T, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    v[0, 0, :2] = torch.tensor([1000.0, -1000.0])  # past the fp8 range at any scale here
+    cos_sin = rope_ref.rotary_cos_sin_cache(d, 64, 10000.0)
+    positions = torch.randint(0, 64, (T,))
+    positions[-1] = positions[-2]
+    qw, kw = torch.randn(d, dtype=torch.float16), torch.randn(d, dtype=torch.float16)
+    cache = (torch.randn(2, 9, page_size, hkv, d) * 4).to(kv_dtype)
+    cache_ref, kv_before = cache.clone(), qkv[:, hq * d:].clone()
+
+    q_ref = attention.qk_norm_rope_store_kv.reference(q, k, v, qw, kw, 1e-6, positions, cos_sin, cache_ref, slots,
+                                                      kv_scale)
+    out = kern.rotary.qk_norm_rope_store_kv(q, k, v, qw, kw, 1e-6, positions, cos_sin, cache, slots, kv_scale)
+    assert out.data_ptr() == q.data_ptr()
+    _assert_close(q, q_ref)
+    assert torch.equal(qkv[:, hq * d:], kv_before)  # k and v are only read
+    if kv_dtype == torch.float16:
+        _assert_close(cache, cache_ref)
+    else:  # the same values up to a rare flip of one rounding step (float32 sums, reciprocal of the scale)
+        torch.testing.assert_close(cache.float(), cache_ref.float(), rtol=2 ** -3, atol=2 ** -9)
+        assert (cache.float() == cache_ref.float()).float().mean() > 0.99
+        assert cache[1].float().view(-1, d)[slots[0] * hkv, :2].tolist() == [448.0, -448.0]  # saturated
+
+
 def test_silu_and_mul(kern):
     x = torch.randn(3, 2 * 2 * 40, dtype=torch.float16)[:, : 2 * 40] * 3  # strided rows, I not a power of 2
     _assert_close(kern.activation.silu_and_mul(x), act_ref.silu_and_mul.reference(x))
@@ -172,7 +255,8 @@ def test_install_registers_every_layer_function():
 
     layer_fns = {"rms_norm": norm_ref.rms_norm, "fused_add_rms_norm": norm_ref.fused_add_rms_norm,
                  "apply_rotary": rope_ref.apply_rotary, "qk_norm_rope": rope_ref.qk_norm_rope,
-                 "silu_and_mul": act_ref.silu_and_mul, "fp8_linear": quant.fp8_linear, "linear": linear.linear}
+                 "qk_norm_rope_store_kv": attention.qk_norm_rope_store_kv, "silu_and_mul": act_ref.silu_and_mul,
+                 "fp8_linear": quant.fp8_linear, "linear": linear.linear}
     assert set(kernels.LAYER_KERNELS) == set(layer_fns)
     kernels.install_triton_kernels()
     try:

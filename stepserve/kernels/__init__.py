@@ -11,7 +11,7 @@ from stepserve.kernels.fp8_gemm import fp8_gemm
 from stepserve.kernels.gemv import linear
 from stepserve.kernels.paged_attention import decode_attention, extend_attention, paged_attention
 from stepserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
-from stepserve.kernels.rotary import apply_rotary, qk_norm_rope
+from stepserve.kernels.rotary import apply_rotary, qk_norm_rope, qk_norm_rope_store_kv
 
 # Layer function name (see stepserve.layers.dispatch) -> kernel with the same signature.
 LAYER_KERNELS = {
@@ -20,6 +20,7 @@ LAYER_KERNELS = {
     # In place, unlike the references: callers must not reuse q/k expecting the unrotated values.
     "apply_rotary": apply_rotary,
     "qk_norm_rope": qk_norm_rope,
+    "qk_norm_rope_store_kv": qk_norm_rope_store_kv,
     "silu_and_mul": silu_and_mul,
     "fp8_linear": fp8_gemm,
     "linear": linear,
@@ -37,4 +38,5 @@ def install_triton_kernels(enable: bool = True) -> None:
 
 
 __all__ = ["apply_rotary", "decode_attention", "extend_attention", "fp8_gemm", "fused_add_rms_norm",
-           "install_triton_kernels", "paged_attention", "qk_norm_rope", "rms_norm", "silu_and_mul", "LAYER_KERNELS"]
+           "install_triton_kernels", "paged_attention", "qk_norm_rope", "qk_norm_rope_store_kv", "rms_norm",
+           "silu_and_mul", "LAYER_KERNELS"]

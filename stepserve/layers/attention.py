@@ -2,7 +2,8 @@
 
 The model runner fills a `ForwardContext` for each step and sets it with `forward_context(...)`; each
 `Attention` layer writes the step's new K/V into its pages (`slot_mapping`) and attends over the whole
-sequence (`block_tables`, `kv_lens`). A step is a flat batch of sequences, each contributing `q_len >= 1`
+sequence (`block_tables`, `kv_lens`). A model whose K needs work before it is stored (Qwen3's per-head norm
+and rotation) stores through `Attention.qk_norm_rope_store`, one kernel on GPU, and then calls `attend`. A step is a flat batch of sequences, each contributing `q_len >= 1`
 new tokens (prefill chunks and decodes may be mixed). Models never see the scheduler.
 
 KV layout per layer: `kv_cache[0]` is K, `kv_cache[1]` is V, each [num_pages, page_size, num_kv_heads, head_dim].
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stepserve.layers.dispatch import dispatched
+from stepserve.layers.rotary import qk_norm_rope
 
 
 @dataclass
@@ -108,6 +112,18 @@ def store_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     v_flat.index_copy_(0, slot_mapping, v)
 
 
+@dispatched
+def qk_norm_rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                          k_weight: torch.Tensor, eps: float, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                          kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scale: float = 1.0) -> torch.Tensor:
+    """`qk_norm_rope` of q [T, Hq, D] and k [T, Hkv, D], then `store_kv` of the rotated k and v; returns q.
+
+    The kernel rotates q in place and writes k only to the cache: callers use the returned q and nothing else."""
+    q, k = qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin_cache)
+    store_kv(kv_cache, k, v, slot_mapping, kv_scale)
+    return q
+
+
 def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, scale: float) -> torch.Tensor:
     """Plain-torch attention of q [T, Hq, D] over each sequence's cached K/V (new tokens already stored).
 
@@ -142,13 +158,28 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]."""
+        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]: stores the step's K/V, then attends."""
         ctx = get_forward_context()
+        store_kv(self._cache(), k, v, ctx.slot_mapping, ctx.kv_scale)
+        return self.attend(q)
+
+    def qk_norm_rope_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                           k_weight: torch.Tensor, eps: float, positions: torch.Tensor,
+                           cos_sin_cache: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm and rotation of q and k, with the step's k and v stored; returns q for `attend`."""
+        ctx = get_forward_context()
+        return qk_norm_rope_store_kv(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, self._cache(),
+                                     ctx.slot_mapping, ctx.kv_scale)
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D] of a step whose K/V are already stored -> [T, Hq * D]."""
+        out = attention_backend()(q, self._cache(), get_forward_context(), self.scale)
+        return out.reshape(q.shape[0], -1)
+
+    def _cache(self) -> torch.Tensor:
         if self.kv_cache is None:
             raise RuntimeError("Attention.kv_cache is not allocated")
-        store_kv(self.kv_cache, k, v, ctx.slot_mapping, ctx.kv_scale)
-        out = attention_backend()(q, self.kv_cache, ctx, self.scale)
-        return out.reshape(q.shape[0], -1)
+        return self.kv_cache
 
 
 def attention_backend():

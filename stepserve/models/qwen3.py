@@ -18,7 +18,7 @@ from stepserve.layers.attention import Attention
 from stepserve.layers.linear import copy_weight
 from stepserve.layers.norm import RMSNorm
 from stepserve.layers.quant import Fp8Config, make_linear
-from stepserve.layers.rotary import RotaryEmbedding, qk_norm_rope
+from stepserve.layers.rotary import RotaryEmbedding
 from stepserve.models.configs import TextConfig
 
 
@@ -49,10 +49,11 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = qk_norm_rope(q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim),
-                            self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions,
-                            self.rotary_emb.cos_sin_cache)
-        return self.o_proj(self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim)))
+        q = self.attn.qk_norm_rope_store(q.view(-1, self.num_heads, self.head_dim),
+                                         k.view(-1, self.num_kv_heads, self.head_dim),
+                                         v.view(-1, self.num_kv_heads, self.head_dim), self.q_norm.weight,
+                                         self.k_norm.weight, self.q_norm.eps, positions, self.rotary_emb.cos_sin_cache)
+        return self.o_proj(self.attn.attend(q))
 
 
 class Qwen3MLP(nn.Module):
