@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from stepserve.errors import InvalidRequestError
 from stepserve.multimodal.image_io import load_image
-from stepserve.multimodal.processor import ImageProcessor, ImageTokenIds, expand_prompt, plan_crops
+from stepserve.multimodal.processor import ImageProcessor, ImageTokenIds, expand_prompt, pixel_inputs, plan_crops
 
 IDS = ImageTokenIds(im_patch=151679, im_start=151680, im_end=151681, patch_start=151689, patch_end=151690,
                     patch_newline=151691)
@@ -32,6 +32,12 @@ def synthetic_image(w: int, h: int) -> Image.Image:
     g = (x * x // 5 + y * 11) % 256
     b = ((x ^ y) * 13 + x // 3) % 256
     return Image.fromarray(np.stack(np.broadcast_arrays(r, g, b), -1).astype(np.uint8), "RGB")
+
+
+def pixels(out) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's (global view [3, 728, 728], crops [n, 3, 504, 504]) as the model gets them on the CPU."""
+    view, crops = pixel_inputs([out], torch.device("cpu"))
+    return view[0], crops if crops is not None else torch.empty(0, 3, 504, 504)
 
 
 def checksums(t: torch.Tensor | None) -> tuple[float, float, float]:
@@ -115,11 +121,11 @@ def test_matches_reference_processor(w, h, crops, tokens, global_sums, crop_sums
     assert out.num_crops == crops
     assert len(out.token_ids) == tokens == PROC.num_image_tokens(w, h)
     assert out.token_ids.count(IDS.im_patch) == out.num_feature_rows == 81 * crops + 169
-    assert out.pixel_values.shape == (3, 728, 728) and out.pixel_values.dtype == torch.float32
-    assert out.patch_pixel_values.shape == (crops, 3, 504, 504)
+    view, patches = pixels(out)
+    assert view.shape == (3, 728, 728) and view.dtype == torch.float32
+    assert patches.shape == (crops, 3, 504, 504)
     assert len(out.newline_mask) == crops
-    for got, want in zip(checksums(out.pixel_values[None]) + checksums(out.patch_pixel_values),
-                         global_sums + crop_sums):
+    for got, want in zip(checksums(view[None]) + checksums(patches), global_sums + crop_sums):
         assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-2), (got, want)
 
 
@@ -140,11 +146,40 @@ def _independent(img: Image.Image, size: int) -> torch.Tensor:
 ])
 def test_pixels_match_independent_computation(w, h, global_size, canvas, crop_index, box):
     img = synthetic_image(w, h)
-    out = PROC(img)
+    got_view, got_crops = pixels(PROC(img))
     view = img if img.size == global_size else img.resize(global_size, Image.Resampling.BILINEAR)
-    torch.testing.assert_close(out.pixel_values, _independent(view, 728), rtol=0, atol=1e-6)
+    assert torch.equal(got_view, _independent(view, 728))
     crop = view.resize(canvas, Image.Resampling.BILINEAR).crop(box)
-    torch.testing.assert_close(out.patch_pixel_values[crop_index], _independent(crop, 504), rtol=0, atol=1e-6)
+    assert torch.equal(got_crops[crop_index], _independent(crop, 504))
+
+
+@pytest.mark.parametrize("w,h,view,crops", [
+    (1280, 720, (720, 1280, 3), (6, 504, 504, 3)),
+    (728, 400, (400, 728, 3), (2, 400, 400, 3)),  # crops keep their 400-pixel window until pixel_inputs
+    (4000, 3000, (2268, 3024, 3), (30, 504, 504, 3)),  # the view after the clamp, before its resize
+    (640, 480, (480, 640, 3), (0, 504, 504, 3)),
+])
+def test_pixels_are_stored_as_uint8_before_the_float_resize(w, h, view, crops):
+    out = PROC(synthetic_image(w, h))
+    assert out.view.dtype == out.crops.dtype == torch.uint8
+    assert tuple(out.view.shape) == view and tuple(out.crops.shape) == crops
+    assert out.view.is_contiguous() and out.crops.is_contiguous()
+
+
+def test_pixel_inputs_of_a_batch_equal_each_image_alone():
+    # Mixed sizes: same-sized views / crops are normalized and resized together, others apart, order kept.
+    sizes = [(1280, 720), (728, 400), (640, 480), (1280, 720), (1000, 300), (728, 400)]
+    outs = [PROC(synthetic_image(w, h)) for w, h in sizes]
+    views, crops = pixel_inputs(outs, torch.device("cpu"))
+    alone = [pixels(o) for o in outs]
+    assert torch.equal(views, torch.stack([v for v, _ in alone]))
+    assert torch.equal(crops, torch.cat([c for _, c in alone]))
+    assert crops.shape[0] == sum(o.num_crops for o in outs)
+    half, half_crops = pixel_inputs(outs, torch.device("cpu"), torch.bfloat16)
+    assert half.dtype == half_crops.dtype == torch.bfloat16
+    assert torch.equal(half, views.bfloat16()) and torch.equal(half_crops, crops.bfloat16())
+    no_crops, none = pixel_inputs([outs[2]], torch.device("cpu"))
+    assert none is None and torch.equal(no_crops[0], alone[2][0])
 
 
 def test_token_layout_is_exact():
@@ -183,9 +218,10 @@ def test_huge_thin_image_keeps_reference_token_count():
     # The reference pads 5000x20 to a 5000^2 square first; stepserve approximates that pad (same size result).
     out = PROC(synthetic_image(5000, 20))
     assert len(out.token_ids) == 3164 and out.num_crops == 36
+    view, _ = pixels(out)
     black = torch.from_numpy(-MEAN / STD).view(3, 1)
-    torch.testing.assert_close(out.pixel_values[:, -1, :], black.expand(3, 728))
-    assert not torch.allclose(out.pixel_values[:, 0, :], black.expand(3, 728))
+    torch.testing.assert_close(view[:, -1, :], black.expand(3, 728))
+    assert not torch.allclose(view[:, 0, :], black.expand(3, 728))
 
 
 def test_too_extreme_aspect_ratio_is_a_client_error():
@@ -217,7 +253,7 @@ def test_image_modes_from_files_are_processed():
         assert len(out.token_ids) == PROC.num_image_tokens(*want), name
     # A non-RGB PIL image handed straight to the processor is converted, as load_image would.
     gray = rgb.convert("L")
-    torch.testing.assert_close(PROC(gray).pixel_values, PROC(gray.convert("RGB")).pixel_values, rtol=0, atol=0)
+    assert torch.equal(PROC(gray).view, PROC(gray.convert("RGB")).view)
 
 
 def test_hash_is_of_pixels_not_encoding():

@@ -97,21 +97,24 @@ class Serving:
             ids = list(prompt)
         return expand_prompt(ids, images, self.engine.image_token_id), images
 
-    async def _load_images(self, sources: list, params: list[str]) -> list:
+    async def _prepare_images(self, sources: list, params: list[str]) -> list:
+        """Fetch, decode and preprocess each image (ImageInput); each image goes through on its own, so one
+        image's preprocessing overlaps another's decoding."""
         from stepserve.multimodal.image_io import load_image_async
 
         a = self.args
 
-        async def load(source, param: str):
+        async def prepare(source, param: str):
             try:
-                return await load_image_async(source, max_bytes=a.max_image_bytes, max_pixels=a.max_image_pixels,
-                                              timeout=a.image_fetch_timeout,
-                                              allowed_local_path=a.allowed_local_media_path, param=param)
+                image = await load_image_async(source, max_bytes=a.max_image_bytes, max_pixels=a.max_image_pixels,
+                                               timeout=a.image_fetch_timeout,
+                                               allowed_local_path=a.allowed_local_media_path, param=param)
+                return await self._in_pool(self.engine.image_processor, image)
             except StepserveError as e:
                 e.message = f"{param}: {e.message}"  # which of the request's images failed
                 raise
 
-        return await asyncio.gather(*(load(s, p) for s, p in zip(sources, params)))
+        return await asyncio.gather(*(prepare(s, p) for s, p in zip(sources, params)))
 
     def _parsers(self, req: P.ChatCompletionRequest):
         reasoning = self.reasoning if req.separate_reasoning else None
@@ -137,10 +140,8 @@ class Serving:
         prompt, sources = await self._in_pool(render_chat, req.messages, self.engine.tokenizer,
                                               self.engine.chat_template, req.template_tools(), True,
                                               req.chat_template_kwargs)
-        # Each image is preprocessed in its own pool task, so a request's images are prepared in parallel.
-        pil_images = await self._load_images(sources, image_part_params(req.messages))
-        inputs = await asyncio.gather(*(self._in_pool(self.engine.image_processor, im) for im in pil_images))
-        ids, images = await self._in_pool(self._token_ids, prompt, list(inputs))
+        inputs = await self._prepare_images(sources, image_part_params(req.messages))
+        ids, images = await self._in_pool(self._token_ids, prompt, inputs)
         params = P.to_sampling_params(req, self.engine.context_length, len(ids))
         rid = P.new_id("chatcmpl-")
         stream = _Generation(self, rid, t0, self.engine.generate(ids, images, params, rid, prompt=prompt))

@@ -16,6 +16,7 @@ from stepserve.engine.sampling import Sampler, SamplingBatch
 from stepserve.engine.scheduler import ScheduledBatch
 from stepserve.layers.attention import build_context, forward_context
 from stepserve.multimodal.encoder_cache import EncoderCache
+from stepserve.multimodal.processor import ImageInput, pixel_inputs
 
 log = logging.getLogger(__name__)
 
@@ -165,17 +166,15 @@ class ModelRunner:
                 del seq.image_embeds[k]  # fully consumed by this chunk
         mask.extend(chunk_mask)
 
-    def encode(self, images: list) -> list[torch.Tensor]:
-        """Vision tower + projector for a list of ImageInput, batched per resolution."""
-        pixel = torch.stack([im.pixel_values for im in images]).to(self.device, self.dtype)
-        crops = [im.patch_pixel_values for im in images if im.num_crops]
-        patches = torch.cat(crops).to(self.device, self.dtype) if crops else None
+    def encode(self, images: list[ImageInput]) -> list[torch.Tensor]:
+        """Vision tower + projector for a list of ImageInput (uint8 pixels, normalized and resized here)."""
+        pixels, patches = pixel_inputs(images, self.device, self.dtype)
         self.num_encoded_images += len(images)
-        return self.model.encode_images(pixel, patches, [im.num_crops for im in images])
+        return self.model.encode_images(pixels, patches, [im.num_crops for im in images])
 
     def prefetch_images(self, batch: ScheduledBatch) -> None:
         """Encode, in one batched pass, every not-yet-cached image this step's chunks touch."""
-        missing: dict[str, object] = {}  # image hash -> ImageInput, each distinct image once
+        missing: dict[str, ImageInput] = {}  # image hash -> the image, each distinct image once
         waiting: list[tuple[Sequence, int]] = []
         for seq, n in zip(batch.seqs, batch.num_new):
             for k, span in enumerate(seq.spans):

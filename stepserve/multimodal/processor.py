@@ -5,13 +5,21 @@ canvas", and one `<im_patch>` placeholder in the prompt becomes the image's toke
     per crop: <patch_start> 81 x <im_patch> <patch_end> [<patch_newline> at the end of each crop row but the last]
     then:     <im_start> 169 x <im_patch> <im_end>
 The geometry follows StepFun's reference processor, including the HF window rule `long <= 728`.
+
+The processor (host threads) does only the uint8 work the reference does with PIL: pad, clamp, canvas resize,
+cropping, plus the content hash. `pixel_inputs` does the float work (normalize, antialiased resize to 728 / 504)
+on the model's device, so the host makes no float images and fewer bytes cross to the GPU (7.3 MB instead of
+25 MB for a 1280x720 image). On a 2-core CPU that image's processor time went from 24 ms to 15 ms, of which
+PIL's canvas resize is 8.5 ms and the hash 3 ms.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
@@ -54,8 +62,8 @@ class ImageTokenIds:
 
 @dataclass
 class ImageInput:
-    pixel_values: torch.Tensor  # float32 [3, 728, 728]
-    patch_pixel_values: torch.Tensor  # float32 [num_crops, 3, 504, 504]
+    view: torch.Tensor  # uint8 [H, W, 3]: the global view before its resize to 728x728
+    crops: torch.Tensor  # uint8 [num_crops, window, window, 3]: the crops before their resize to 504x504
     newline_mask: list[bool]  # per crop: a <patch_newline> follows it
     num_crops: int
     token_ids: list[int]  # the expansion of this image's one <im_patch> placeholder
@@ -150,8 +158,6 @@ class ImageProcessor:
             image = image.convert("RGB")
         plan = plan_crops(*image.size)
         view = _global_view(image, plan)
-        pixel_values = _resize(_normalized(_chw_uint8(view)[None]), GLOBAL_SIZE)[0]
-        patches = _crops(view, plan)
         mask = plan.newline_mask
         token_ids: list[int] = []
         for newline in mask:
@@ -159,7 +165,7 @@ class ImageProcessor:
             if newline:
                 token_ids.append(self.ids.patch_newline)
         token_ids += self._global_tokens
-        return ImageInput(pixel_values=pixel_values, patch_pixel_values=patches, newline_mask=mask,
+        return ImageInput(view=_hwc_uint8(view), crops=_crops(view, plan), newline_mask=mask,
                           num_crops=plan.num_crops, token_ids=token_ids,
                           num_feature_rows=CROP_ROWS * plan.num_crops + GLOBAL_ROWS, hash=image_hash(image),
                           size=image.size)
@@ -209,27 +215,81 @@ def _global_view(image: Image.Image, plan: CropPlan) -> Image.Image:
 
 def _crops(view: Image.Image, plan: CropPlan) -> torch.Tensor:
     if plan.window == 0:
-        return torch.empty(0, 3, CROP_SIZE, CROP_SIZE)
+        return torch.empty(0, CROP_SIZE, CROP_SIZE, 3, dtype=torch.uint8)
     canvas = view if view.size == plan.canvas else view.resize(plan.canvas, Image.Resampling.BILINEAR)
-    src = _chw_uint8(canvas)
+    src = _hwc_uint8(canvas)
     w = plan.window
     # Zeros outside the canvas reproduce PIL's black padding of crops that overhang it.
-    crops = torch.zeros(plan.num_crops, 3, w, w, dtype=torch.uint8)
+    crops = torch.zeros(plan.num_crops, w, w, 3, dtype=torch.uint8)
     for i, (x, y) in enumerate(plan.origins()):
-        part = src[:, y:y + w, x:x + w]
-        crops[i, :, :part.shape[1], :part.shape[2]] = part
-    return _resize(_normalized(crops), CROP_SIZE)
+        part = src[y:y + w, x:x + w]
+        crops[i, :part.shape[0], :part.shape[1]] = part
+    return crops
 
 
-def _chw_uint8(image: Image.Image) -> torch.Tensor:
-    # Contiguous CHW like torchvision's ToTensor: the memory format decides which interpolate kernel runs.
+def _hwc_uint8(image: Image.Image) -> torch.Tensor:
+    # HWC as PIL stores it: the reorder to CHW is fused into the float conversion on the device.
     # np.array, not asarray: PIL's array view is read-only, which torch warns about.
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(image))
 
 
-def _normalized(x: torch.Tensor) -> torch.Tensor:
-    # The reference's op order (x/255 - mean) / std, kept exactly so results match bit for bit.
-    return x.float().div_(255).sub_(MEAN).div_(STD)
+def pixel_inputs(images: Sequence[ImageInput], device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The vision tower's inputs: pixel_values [n, 3, 728, 728] and patch_pixel_values [crops, 3, 504, 504]
+    (None when no image has crops), crops in image order, on `device` in `dtype`.
+
+    Normalization and resize run on `device` in float32 in the reference's op order, so on the CPU the result is
+    bit-identical to the reference processor's; same-sized inputs form one batch, so the GPU sees a few launches
+    per distinct size, not per image.
+    """
+    cropped = [im.crops for im in images if im.num_crops]
+    parts = _to_device([im.view[None] for im in images] + cropped, device)
+    views = _normalized_resized(parts[:len(images)], GLOBAL_SIZE).to(dtype)
+    crops = _normalized_resized(parts[len(images):], CROP_SIZE).to(dtype) if cropped else None
+    return views, crops
+
+
+def _to_device(parts: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """uint8 tensors to `device`: on CUDA one copy from one pinned buffer, not waiting for the GPU."""
+    if device.type != "cuda":
+        return [p.to(device) for p in parts]
+    # A copy from pageable memory first waits for all work queued on the stream (with overlap scheduling, the
+    # previous step); from pinned memory it returns at once. Dropping `staging` before the copy ran is safe: the
+    # caching host allocator records an event on the stream and reuses the block only after it.
+    sizes = [p.numel() for p in parts]
+    staging = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
+    torch.cat([p.reshape(-1) for p in parts], out=staging)
+    flat = staging.to(device, non_blocking=True)
+    return [chunk.view(p.shape) for p, chunk in zip(parts, flat.split(sizes))]
+
+
+def _normalized_resized(parts: list[torch.Tensor], size: int) -> torch.Tensor:
+    """uint8 [k, h, w, 3] parts -> float32 [sum k, 3, size, size] in order, one batch per distinct (h, w)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(parts):
+        groups.setdefault((p.shape[1], p.shape[2]), []).append(i)
+    if len(groups) == 1:
+        return _resize(_normalized(parts), size)
+    rows: dict[int, torch.Tensor] = {}
+    for members in groups.values():
+        batch = _resize(_normalized([parts[i] for i in members]), size)
+        rows.update(zip(members, batch.split([parts[i].shape[0] for i in members])))
+    return torch.cat([rows[i] for i in range(len(parts))])
+
+
+def _normalized(parts: list[torch.Tensor]) -> torch.Tensor:
+    hwc = parts[0] if len(parts) == 1 else torch.cat(parts)
+    n, h, w, _ = hwc.shape
+    # Contiguous NCHW like torchvision's ToTensor (the memory format decides which interpolate kernel runs),
+    # filled by one copy that also converts; then the reference's op order (x/255 - mean) / std, kept exactly.
+    x = torch.empty(n, 3, h, w, dtype=torch.float32, device=hwc.device).copy_(hwc.permute(0, 3, 1, 2))
+    mean, std = _stats(x.device)
+    return x.div_(255).sub_(mean).div_(std)
+
+
+@cache
+def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return MEAN.to(device), STD.to(device)
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
