@@ -1,11 +1,14 @@
 """The engine end to end on the tiny model: batching, prefix and image caching, chunking, preemption, abort."""
 
+import logging
 import random
+import re
 
 import pytest
 from PIL import Image
 
 from stepserve import LLM, SamplingParams
+from stepserve.engine.engine import WARMUP_PROMPT, _warmup_image
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -132,3 +135,38 @@ def test_n_choices_and_stop_conditions(llm):
     stopped = llm.generate("the cat", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
                                                      stop_token_ids=[first]), use_tqdm=False)[0].outputs[0]
     assert stopped.finish_reason == "stop" and stopped.stop_reason == first and stopped.token_ids == [first]
+
+
+def test_warm_up_leaves_no_trace(llm, caplog):
+    # On CUDA the engine warms up by itself at start-up; on the CPU the tests call it.
+    warmed = LLM(dtype="float32", chunked_prefill_size=0)
+    engine = warmed.engine
+    encoded = []
+    encode = engine.runner.encode
+    engine.runner.encode = lambda images: encoded.extend(images) or encode(images)
+    stats, rng = engine.stats(), random.getstate()
+    with caplog.at_level(logging.INFO, logger="stepserve.engine.engine"):
+        engine.warm_up()
+    assert re.search(r"warm-up: 2 requests of \d+ prompt tokens with 1 image\(s\), 4 output tokens each", caplog.text)
+    assert [(im.size, im.num_crops) for im in encoded] == [((1280, 720), 6)]  # the second reuses its cached prefix
+    assert engine.stats() == stats and random.getstate() == rng  # unseeded requests still draw the same seeds
+    assert not engine.has_work() and not engine.seqs and engine.num_finished == 0
+    assert not engine.pool.page_of and not engine.pool.evictable and len(engine.runner.encoder_cache) == 0
+    engine.pool.check_invariants()
+    # The warm-up's own prompt again: nothing of it was kept, so it is computed and encoded from scratch.
+    ids, images = engine.encode_prompt(WARMUP_PROMPT, [_warmup_image()])
+    engine.add_request("again", ids, images, GREEDY)
+    while engine.has_work():
+        outputs = engine.step()
+    assert outputs[0].num_cached_tokens == 0 and engine.stats()["num_encoded_images"] == 1
+    prompts = make_prompts(12)
+    assert token_ids(warmed.generate(prompts, GREEDY, use_tqdm=False)) == \
+        token_ids(llm.generate(prompts, GREEDY, use_tqdm=False))
+
+
+def test_warm_up_without_room_for_the_image_runs_text_only(caplog):
+    engine = LLM(dtype="float32", context_length=512).engine
+    with caplog.at_level(logging.INFO, logger="stepserve.engine.engine"):
+        engine.warm_up()
+    assert "with 0 image(s)" in caplog.text
+    assert engine.stats()["num_kv_pages_free"] == engine.stats()["num_kv_pages_total"] and not engine.pool.page_of

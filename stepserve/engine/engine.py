@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import queue
@@ -12,7 +13,9 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from stepserve import loader
 from stepserve.config import EngineConfig
@@ -29,6 +32,17 @@ from stepserve.multimodal.processor import ImageInput, ImageProcessor, ImageToke
 from stepserve.testing import TINY_MODEL_NAME
 
 log = logging.getLogger(__name__)
+
+
+WARMUP_PROMPT = "<im_patch>Describe this picture in one sentence."
+WARMUP_TOKENS = 4
+WARMUP_SIZE = (1280, 720)  # the benchmarks' image: a global view and 3 x 2 crops
+
+
+def _warmup_image() -> Image.Image:
+    """Noise, so it compresses nothing away and matches no user's image."""
+    w, h = WARMUP_SIZE
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 def _model_limits(model_dir: Path) -> tuple[int, list[int]]:
@@ -68,20 +82,51 @@ class Engine:
         model = loader.load_model(self.model_dir, self.dtype, self.device, config.load_format, config.seed,
                                   config.quantization)
         self.runner = ModelRunner(config, model, self.device, self.dtype, self.eos_ids, len(self.tokenizer))
-        self.pool = PagePool(self.runner.num_pages, config.page_size, not config.disable_radix_cache)
-        pool_tokens = self.pool.num_pages * config.page_size
+        pool_tokens = self.runner.num_pages * config.page_size
         if pool_tokens < self.context_length:  # one sequence must always fit, or preemption cannot help it
             log.warning("context length %d capped to the KV pool's %d tokens", self.context_length, pool_tokens)
             self.context_length = pool_tokens
         self.runner.capture_graphs(self.context_length)
-        self.scheduler = Scheduler(self.pool, config.max_running_requests,
-                                   max(config.max_prefill_tokens, config.max_running_requests), config.chunked_prefill_size)
+        self._reset_state()
+        if self.device.type == "cuda":
+            self.warm_up()
+        log.info("engine ready in %.1fs: %s on %s (%s), context %d, %d KV pages", time.perf_counter() - start,
+                 self.model_name, self.device, self.dtype, self.context_length, self.runner.num_pages)
+
+    def _reset_state(self) -> None:
+        """Empty KV pool and prefix cache, queues, encoder cache and counters: a new engine's state."""
+        c = self.config
+        self.pool = PagePool(self.runner.num_pages, c.page_size, not c.disable_radix_cache)
+        self.scheduler = Scheduler(self.pool, c.max_running_requests, max(c.max_prefill_tokens, c.max_running_requests),
+                                   c.chunked_prefill_size)
         self.seqs: dict[str, list[Sequence]] = {}
         self.launched = None  # the step queued on the GPU whose tokens the host has not taken in yet
         self.prompts: dict[str, str | None] = {}
         self.num_finished = 0
-        log.info("engine ready in %.1fs: %s on %s (%s), context %d, %d KV pages", time.perf_counter() - start,
-                 self.model_name, self.device, self.dtype, self.context_length, self.runner.num_pages)
+        self.runner.encoder_cache.clear()
+        self.runner.num_encoded_images = 0
+
+    def warm_up(self) -> None:
+        """Serve two synthetic requests shaped like a user's, then forget them (`_reset_state`).
+
+        Whatever is built on first use (Triton kernels, the vision compile for a real image's crop count, cuBLAS
+        and cuDNN heuristics, sampler kernels, pinned staging memory) is built here, at start-up, instead of in the
+        first user's TTFT. The first request is greedy from an empty cache; the second samples with top-p over
+        the first one's cached prefix and image. Fixed seeds keep the global RNG, and so later unseeded
+        requests, as they were.
+        """
+        start = time.perf_counter()
+        ids, images = self.encode_prompt(WARMUP_PROMPT, [_warmup_image()])
+        if len(ids) + WARMUP_TOKENS >= self.context_length:  # too short a context for the image: text only
+            ids, images = self.encode_prompt(WARMUP_PROMPT.replace("<im_patch>", ""), [])
+        greedy = SamplingParams(temperature=0.0, seed=0, max_tokens=WARMUP_TOKENS, ignore_eos=True)
+        for i, params in enumerate([greedy, dataclasses.replace(greedy, temperature=1.0, top_p=0.9)]):
+            self.add_request(f"warmup-{i}", ids, images, params)
+            while self.has_work():
+                self.step()
+        self._reset_state()
+        log.info("warm-up: 2 requests of %d prompt tokens with %d image(s), %d output tokens each, in %.2f s",
+                 len(ids), len(images), WARMUP_TOKENS, time.perf_counter() - start)
 
     # -- requests ---------------------------------------------------------------------------------
     def encode_prompt(self, text: str, images: list) -> tuple[list[int], list[ImageInput]]:

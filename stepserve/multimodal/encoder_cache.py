@@ -37,6 +37,11 @@ class EncoderCache:
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 
+    def clear(self) -> None:
+        """Forget every entry and the hit counts."""
+        self._entries.clear()
+        self.hits = self.misses = 0
+
     @property
     def hit_rate(self) -> float:
         lookups = self.hits + self.misses
