@@ -1,14 +1,18 @@
 """Real-size Step3-VL-10B with dummy weights: an image + text prompt in bf16 against the same weights in
-float32 on the GPU (vision rows, final hidden states, logits), plus load time and peak memory."""
+float32 on the GPU (vision rows, final hidden states, logits), plus load time and peak memory; the image
+pixel path (uint8 -> normalized, resized on the GPU) against the CPU's."""
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
 from stepserve.layers.attention import build_context, forward_context
 from stepserve.loader import load_model
+from stepserve.multimodal.processor import ImageProcessor, ImageTokenIds, pixel_inputs
 from stepserve.testing import attach_kv_cache
 
 PAGE_SIZE = 16
@@ -112,3 +116,38 @@ def test_real_size_bf16_matches_fp32(tmp_path, report):
         assert max(r["rel_err_vision_rows"], r["rel_err_hidden"], r["rel_err_logits"]) < MAX_REL_ERR, (name, r)
         assert r["top1_agreement"] >= MIN_TOP1, (name, r)
     assert fp32["logits"].std() > 0.1  # logits carry signal, so agreement is not trivially about ties
+
+
+def test_pixel_inputs_on_gpu_match_cpu(report):
+    """The uint8 -> normalized, resized path on CUDA against the CPU one (which is bit-identical to the reference
+    processor): normalization is exact on both; only the antialiased resize kernels may round differently."""
+    sizes = [(1280, 720), (728, 400), (640, 480), (1280, 720), (4000, 3000)]  # 504 and 400 crops, none, clamped
+    proc = ImageProcessor(ImageTokenIds(151679, 151680, 151681, 151689, 151690, 151691))
+    rng = np.random.default_rng(0)
+    images = [proc(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))) for w, h in sizes]
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    want = [pixel_inputs([im], cpu) for im in images]
+    # The GPU sleeps first, so every upload below is still queued when its call returns and drops its pinned
+    # staging buffer; a buffer handed out again before its copy ran would corrupt an earlier image.
+    torch.cuda._sleep(2_000_000_000)
+    alone = [pixel_inputs([im], cuda) for im in images]
+    views, crops = pixel_inputs(images, cuda)
+    half_views, half_crops = pixel_inputs(images, cuda, torch.bfloat16)
+    torch.cuda.synchronize()
+
+    def max_err(got: torch.Tensor | None, ref: torch.Tensor | None) -> float:
+        return 0.0 if ref is None else float((got.float().cpu() - ref).abs().max())
+
+    errs = {"views": max(max_err(g[0], w[0]) for g, w in zip(alone, want)),
+            "crops_504_exact": all(torch.equal(g[1].cpu(), w[1]) for g, w, im in zip(alone, want, images)
+                                   if im.num_crops and im.crops.shape[1] == 504),
+            "crops_400_resized": max_err(alone[1][1], want[1][1]),
+            "batched_views": max_err(views, torch.cat([w[0] for w in want])),
+            "batched_crops": max_err(crops, torch.cat([w[1] for w in want if w[1] is not None])),
+            "bf16_views": max_err(half_views, torch.cat([w[0] for w in want])),
+            "bf16_crops": max_err(half_crops, torch.cat([w[1] for w in want if w[1] is not None]))}
+    report("pixel_inputs_gpu", errs)
+    assert errs["crops_504_exact"]
+    assert max(errs["views"], errs["crops_400_resized"], errs["batched_views"], errs["batched_crops"]) < 1e-4, errs
+    assert max(errs["bf16_views"], errs["bf16_crops"]) < 0.02, errs  # bf16 keeps 8 bits: |x| < 2.2 -> 2^-7
+    assert views.dtype == torch.float32 and half_views.dtype == torch.bfloat16 and views.is_cuda
