@@ -3,6 +3,7 @@ contexts of ~1.5k-2.5k) against their floors and the torch paths they replace.
 
     python benchmarks/kernels.py            # table on stdout; JSON in $OUT/kernels.json when OUT is set
     python benchmarks/kernels.py --quick    # no block-size sweeps
+    python benchmarks/kernels.py --fusions  # only the decode-step fusions, old and new side by side
 
 Floors use the measured ceilings of docs/performance (3.0 TB/s copy, 782 TFLOP/s bf16): bytes are each
 input read once and each output written once. "cold" times are triton.testing.do_bench medians (L2 flushed
@@ -22,13 +23,13 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from stepserve.kernels import (decode_attention, extend_attention, fused_add_rms_norm, qk_norm_rope, rms_norm,
-                               silu_and_mul)
+from stepserve.kernels import (decode_attention, extend_attention, fused_add_rms_norm, qk_norm_rope,
+                               qk_norm_rope_store_kv, rms_norm, silu_and_mul)
 from stepserve.kernels.paged_attention import default_num_splits
 from stepserve.layers import activation as act_ref
 from stepserve.layers import norm as norm_ref
 from stepserve.layers import rotary as rope_ref
-from stepserve.layers.attention import build_context, paged_attention_reference
+from stepserve.layers.attention import build_context, paged_attention_reference, store_kv
 
 BANDWIDTH, BF16_FLOPS = 3.0e12, 782e12
 HIDDEN, INTER, HQ, HKV, D, LAYERS = 4096, 12288, 32, 8, 128, 36
@@ -178,14 +179,80 @@ def bench_elementwise(results):
             cold_us(lambda: act_ref.silu_and_mul.reference(gu[0])), "torch")
 
 
+def side_by_side(results, kernel, shape, old_name, old_us, new_name, new_us):
+    saved = old_us - new_us
+    results.append({"kernel": kernel, "shape": shape, old_name: old_us, new_name: new_us, "saved_us": saved})
+    print(f"{kernel:14s} {shape:34s} {old_name} {old_us:7.2f} us   {new_name} {new_us:7.2f} us   "
+          f"saved {saved:6.2f} us/layer = {saved * LAYERS:6.1f} us/step", flush=True)
+
+
+def bench_decode_one_launch(results):
+    """Split-KV decode with the separate reduce kernel (old) vs the combine in the last split (new), as graph
+    replays, with the splits of a graph captured for a 32k context (what the runner replays) and of the length."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for batch, kv_len in ((1, 1536), (8, 1536), (64, 2048)):
+        for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+            elt = torch.empty((), dtype=kv_dtype).element_size()
+            q, kv_cache, ctxs = paged_sets([1] * batch, [kv_len] * batch, 16,
+                                           n_sets(attn_bytes(batch, batch * kv_len, elt)), kv_dtype)
+            ref = paged_attention_reference(q.float(), kv_cache, ctxs[0], SCALE)
+            for splits in sorted({default_num_splits(batch, HKV, n, sms) for n in (32768, kv_len)}, reverse=True):
+                us = {}
+                for separate in (True, False):
+                    def fn(c, separate=separate):
+                        return decode_attention(q, kv_cache, c, SCALE, num_splits=splits, separate_reduce=separate)
+                    assert rel_err(fn(ctxs[0]), ref) < 1e-2, rel_err(fn(ctxs[0]), ref)
+                    us[separate] = graph_us([lambda c=c: fn(c) for c in ctxs])
+                name = f"b{batch} kv{kv_len} {'fp8' if elt == 1 else 'bf16'} splits {splits}"
+                side_by_side(results, "decode", name, "split+reduce", us[True], "one launch", us[False])
+
+
+def bench_rope_store(results):
+    """qk_norm_rope then store_kv (a Triton kernel and two index_copy_, plus the fp8 conversion ops) vs the
+    fused kernel, as graph replays."""
+    cos_sin = rope_ref.rotary_cos_sin_cache(D, 40960, 1e6, device=DEV)
+    qw, kw = torch.randn(D, device=DEV, dtype=torch.bfloat16), torch.randn(D, device=DEV, dtype=torch.bfloat16)
+    for T in (1, 8, 64, 1536):
+        for kv_dtype, kv_scale in ((torch.bfloat16, 1.0), (torch.float8_e4m3fn, 0.05)):
+            sets = n_sets(T * (HQ + 2 * HKV) * D * 2 * 2)
+            pages = triton.cdiv(T * sets, 16)
+            cache = torch.zeros(2, pages, 16, HKV, D, device=DEV).to(kv_dtype)
+            slots = torch.randperm(pages * 16, device=DEV)[: T * sets].view(sets, T)
+            pos = torch.randint(0, 4096, (T,), device=DEV)
+            inputs = []
+            for i in range(sets):
+                qkv = torch.randn(T, (HQ + 2 * HKV) * D, device=DEV, dtype=torch.bfloat16)
+                q, k, v = qkv.split([HQ * D, HKV * D, HKV * D], dim=-1)
+                inputs.append((q.view(T, HQ, D), k.view(T, HKV, D), v.view(T, HKV, D), slots[i]))
+
+            def old(q, k, v, s):
+                qk_norm_rope(q, k, qw, kw, 1e-6, pos, cos_sin)
+                store_kv(cache, k, v, s, kv_scale)
+
+            def new(q, k, v, s):
+                qk_norm_rope_store_kv(q, k, v, qw, kw, 1e-6, pos, cos_sin, cache, s, kv_scale)
+
+            t_old = graph_us([lambda a=a: old(*a) for a in inputs])
+            t_new = graph_us([lambda a=a: new(*a) for a in inputs])
+            name = f"T{T} {'fp8' if kv_dtype != torch.bfloat16 else 'bf16'} cache"
+            side_by_side(results, "rope+store", name, "norm_rope+store_kv", t_old, "fused", t_new)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="skip the block-size sweeps")
+    parser.add_argument("--fusions", action="store_true", help="only the decode-step fusions, old vs new")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
-    print(f"{'kernel':14s} {'shape':34s} {'floor us':>8s} {'cold us':>9s} {'graph us':>9s} {'floor%':>7s}  baseline us")
     results: list[dict] = []
+    print("CUDA-graph replay, per call (one layer):")
+    bench_decode_one_launch(results)
+    bench_rope_store(results)
+    if args.fusions:
+        write_json(results)
+        return
+    print(f"{'kernel':14s} {'shape':34s} {'floor us':>8s} {'cold us':>9s} {'graph us':>9s} {'floor%':>7s}  baseline us")
 
     for batch, kv_len in ((1, 1536), (1, 8192), (16, 2048), (64, 2048), (100, 2560), (256, 2048)):
         bench_decode(results, batch, kv_len, 16)
@@ -217,7 +284,10 @@ def main() -> None:
             grid = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s)
                     for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for s in (2, 3)]
             sweep(results, f"extend {label}", fn, default, grid)
+    write_json(results)
 
+
+def write_json(results: list[dict]) -> None:
     out_dir = os.environ.get("OUT")
     if out_dir:
         with open(os.path.join(out_dir, "kernels.json"), "w") as f:

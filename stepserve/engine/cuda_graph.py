@@ -56,7 +56,9 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-                self._forward(bs)  # warm up: compile kernels, allocate workspaces outside the capture
+                # Warm up: compile kernels and allocate persistent workspaces (decode attention's zeroed
+                # split counters) outside the capture.
+                self._forward(bs)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
                     self.logits[bs] = self._forward(bs)

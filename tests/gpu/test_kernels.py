@@ -1,5 +1,6 @@
 """Triton kernels vs the plain-torch references on the GPU, bf16 at Qwen3-8B sizes (32 q heads, 8 kv heads,
 head_dim 128), fresh random inputs each case. Attention is compared with the reference run in float32.
+Last, the tiny decoder through the runner's decode graphs against its plain-torch layers.
 """
 
 from __future__ import annotations
@@ -8,11 +9,13 @@ import pytest
 import torch
 
 from stepserve.kernels import (apply_rotary, decode_attention, extend_attention, fused_add_rms_norm,
-                               paged_attention, qk_norm_rope, rms_norm, silu_and_mul)
+                               paged_attention, qk_norm_rope, qk_norm_rope_store_kv, rms_norm, silu_and_mul)
+from stepserve.kernels.paged_attention import _split_counters
 from stepserve.layers import activation as act_ref
+from stepserve.layers import attention
 from stepserve.layers import norm as norm_ref
 from stepserve.layers import rotary as rope_ref
-from stepserve.layers.attention import build_context, paged_attention_reference
+from stepserve.layers.attention import build_context, forward_context, paged_attention_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -55,10 +58,28 @@ def test_decode_attention(page_size, batch, max_kv):
     assert _rel_err(out, _reference(q, kv_cache, ctx)) < 1e-2
 
 
+@pytest.mark.parametrize("separate_reduce", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
-def test_decode_any_split_count(num_splits):
+def test_decode_any_split_count(num_splits, separate_reduce):
     q, kv_cache, ctx = _paged_case([1] * 5, [1, 17, 64, 1000, 3001], 16)
-    out = decode_attention(q, kv_cache, ctx, SCALE, num_splits=num_splits)
+    out = decode_attention(q, kv_cache, ctx, SCALE, num_splits=num_splits, separate_reduce=separate_reduce)
+    assert _rel_err(out, _reference(q, kv_cache, ctx)) < 1e-2
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("batch,kv_len", [(1, 1536), (8, 1536), (64, 2048)])
+def test_decode_one_launch_is_deterministic(batch, kv_len, kv_dtype):
+    """The in-kernel combine equals the separate reduce kernel up to summation order, repeats bit for bit
+    (whichever split finishes last) and leaves its counters at zero; splits as a 32k-context graph uses."""
+    kv_scale = 0.05 if kv_dtype == torch.float8_e4m3fn else 1.0
+    q, kv_cache, ctx = _paged_case([1] * batch, [kv_len] * batch, 16, kv_dtype=kv_dtype, kv_scale=kv_scale)
+    ctx.max_kv_len = 32768
+    out = decode_attention(q, kv_cache, ctx, SCALE)
+    assert not _split_counters(q.device, 1).any()
+    for _ in range(20):
+        assert torch.equal(decode_attention(q, kv_cache, ctx, SCALE), out)
+    separate = decode_attention(q, kv_cache, ctx, SCALE, separate_reduce=True)
+    assert _rel_err(out, separate) < 2e-3
     assert _rel_err(out, _reference(q, kv_cache, ctx)) < 1e-2
 
 
@@ -81,7 +102,7 @@ def test_decode_cuda_graph_replays_new_lengths():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = decode_attention(q, kv_cache, ctx, SCALE)
-    for _ in range(3):
+    for _ in range(5):
         kv_lens = torch.randint(1, max_pages * page_size + 1, (batch,)).tolist()
         perm = torch.randperm(batch * max_pages).view(batch, max_pages).to(torch.int32)
         ctx.kv_lens.copy_(torch.tensor(kv_lens, dtype=torch.int32))
@@ -90,6 +111,7 @@ def test_decode_cuda_graph_replays_new_lengths():
         graph.replay()
         new = build_context([1] * batch, kv_lens, perm.tolist(), page_size, device=DEV)
         assert _rel_err(out, _reference(q, kv_cache, new)) < 1e-2
+        assert not _split_counters(q.device, 1).any()
 
 
 @pytest.mark.parametrize("page_size", [16, 64])
@@ -178,6 +200,93 @@ def test_rotary_and_qk_norm_rope(T):
     qk_norm_rope(q, k, qw, kw, 1e-6, positions, cache)
     _assert_bf16_close(q, q_ref, atol=2 ** -6)
     _assert_bf16_close(k, k_ref, atol=2 ** -6)
+
+
+@pytest.mark.parametrize("kv_dtype,kv_scale", [(torch.bfloat16, 1.0), (torch.float8_e4m3fn, 1.0),
+                                               (torch.float8_e4m3fn, 0.05)])
+@pytest.mark.parametrize("T", [1, 8, 33, 4096])
+def test_qk_norm_rope_store_kv(T, kv_dtype, kv_scale):
+    """Against qk_norm_rope + store_kv: q in place, k/v only read, the cache bit-equal almost everywhere
+    (float32 sums may flip a rounding). The last tokens are CUDA-graph padding rows with equal inputs, all
+    storing to the scratch slot; the others go to shuffled slots of a pool."""
+    page_size, pad = 16, min(T - 1, 3)
+    num_pages = T // page_size + 4
+    slots = torch.randperm(num_pages * page_size, device=DEV)[:T]
+    scratch = num_pages * page_size  # first slot of the extra page
+    slots[T - pad:] = scratch
+    qkv, q, k, positions, cos_sin = _qk(T)
+    qkv[T - pad:] = qkv[T - 1]
+    positions[T - pad:] = positions[T - 1]
+    v = qkv[:, (HQ + HKV) * D:].view(T, HKV, D)
+    qkv[:, (HQ + HKV) * D: (HQ + HKV) * D + 2] = 1e4  # past the fp8 range: saturates
+    qw = torch.randn(D, device=DEV, dtype=torch.bfloat16)
+    kw = torch.randn(D, device=DEV, dtype=torch.bfloat16)
+    cache = torch.randn(2, num_pages + 1, page_size, HKV, D, device=DEV).to(kv_dtype)
+    cache_ref, kv_before = cache.clone(), qkv[:, HQ * D:].clone()
+    q_ref = attention.qk_norm_rope_store_kv.reference(q, k, v, qw, kw, 1e-6, positions, cos_sin, cache_ref,
+                                                      slots, kv_scale)
+    assert qk_norm_rope_store_kv(q, k, v, qw, kw, 1e-6, positions, cos_sin, cache, slots, kv_scale) is q
+    _assert_bf16_close(q, q_ref, atol=2 ** -6)
+    assert torch.equal(qkv[:, HQ * D:], kv_before)
+    if kv_dtype == torch.bfloat16:
+        _assert_bf16_close(cache, cache_ref, atol=2 ** -6)
+    else:  # one fp8 step is 2^-3 relative
+        torch.testing.assert_close(cache.float(), cache_ref.float(), rtol=2 ** -3, atol=2 ** -6)
+        assert (cache.float() == cache_ref.float()).float().mean() > 0.99
+        assert cache[1].float().view(-1, HKV, D)[slots[0], 0, :2].tolist() == [448.0, 448.0]
+
+
+def test_tiny_decoder_through_decode_graphs(tmp_path):
+    """Prefill of three sequences, then two decode steps replayed from graphs captured for a 4k context
+    (many KV splits, most empty) at batch 4, so one padding row stores to the scratch slot: Triton kernels
+    against the plain-torch layers, bf16 and fp8 caches."""
+    from stepserve.engine.cuda_graph import DecodeGraphs
+    from stepserve.kernels import install_triton_kernels
+    from stepserve.loader import load_model
+    from stepserve.testing import attach_kv_cache, tiny_checkpoint
+
+    model = load_model(tiny_checkpoint(tmp_path / "tiny"), torch.bfloat16, DEV)
+    page, lens, context = 16, [40, 17, 70], 4096
+    pages_per_seq = [(n + 2 + page - 1) // page for n in lens]
+    perm = torch.randperm(sum(pages_per_seq)).tolist()
+    tables = [perm[sum(pages_per_seq[:i]): sum(pages_per_seq[: i + 1])] for i in range(len(lens))]
+    num_pages = len(perm)
+    prompts = [torch.randint(0, 800, (n,), device=DEV) for n in lens]
+    for kv_dtype, kv_scale in ((torch.bfloat16, 1.0), (torch.float8_e4m3fn, 0.05)):
+        logits = {}
+        for kernels in (False, True):
+            install_triton_kernels(kernels)
+            try:
+                attach_kv_cache(model, num_pages + 1, page, kv_dtype)
+                steps = []
+                with torch.inference_mode():
+                    ctx = build_context(lens, lens, tables, page, DEV, kv_scale=kv_scale)
+                    positions = torch.cat([torch.arange(n, device=DEV) for n in lens])
+                    with forward_context(ctx):
+                        hidden = model(torch.cat(prompts), positions)
+                    last = ctx.cu_q_lens[1:].long() - 1
+                    steps.append(model.compute_logits(hidden[last]))
+                    if kernels:
+                        graphs = DecodeGraphs(model, 4, context // page, context, num_pages * page,
+                                              torch.device(DEV), kv_scale)
+                        graphs.capture()
+                    for step in range(2):
+                        tokens = steps[-1].argmax(-1) if not kernels else logits[False][step].argmax(-1)
+                        kv = [n + step + 1 for n in lens]
+                        ctx = build_context([1] * 3, kv, tables, page, DEV, kv_scale=kv_scale)
+                        pos = torch.tensor([n - 1 for n in kv], device=DEV)
+                        if kernels:
+                            steps.append(graphs.run(tokens, pos, ctx.slot_mapping, ctx.kv_lens,
+                                                    ctx.block_tables).clone())
+                        else:
+                            with forward_context(ctx):
+                                steps.append(model.compute_logits(model(tokens, pos)))
+                logits[kernels] = steps
+            finally:
+                install_triton_kernels(False)
+        for got, want in zip(logits[True], logits[False]):
+            assert _rel_err(got, want) < 2e-2, kv_dtype
+            assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 2 / 3
 
 
 @pytest.mark.parametrize("T", [1, 300, 4096])
