@@ -83,7 +83,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, kv_lens_ptr, out_ptr, part_ou
                    stride_ot, stride_oh,
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   COMBINE: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+                   COMBINE: tl.constexpr, BLOCK_G: tl.constexpr, SPLITS_POW2: tl.constexpr,
+                   SPLIT_BLOCK: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -124,14 +125,15 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, kv_lens_ptr, out_ptr, part_ou
             counter = counters_ptr + seq * tl.num_programs(1) + kv_head
             if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
                 _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, tl.cdiv(kv_len, chunk),
-                                stride_ot, stride_oh, GROUP, BLOCK_G, HEAD_DIM, NUM_SPLITS, SPLIT_BLOCK)
+                                stride_ot, stride_oh, GROUP, BLOCK_G, HEAD_DIM, NUM_SPLITS, SPLITS_POW2,
+                                SPLIT_BLOCK)
                 tl.store(counter, 0)  # every split has counted: zero for the next launch or graph replay
 
 
 @triton.jit
 def _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, used, stride_ot, stride_oh,
                     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                    SPLIT_BLOCK: tl.constexpr):
+                    SPLITS_POW2: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
     """Softmax-weighted sum of the first `used` (the non-empty) splits' partials of a kv head's query group.
 
     Always in split order from memory, whichever split runs it, so the result is deterministic. Loads bypass
@@ -141,13 +143,10 @@ def _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, used, str
     g_ok = g < GROUP
     heads = (seq * tl.num_programs(1) + kv_head) * GROUP + g  # rows of part_lse [B * Hq, NUM_SPLITS]
     dims = tl.arange(0, HEAD_DIM)
-    top = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for s0 in range(0, used, SPLIT_BLOCK):
-        s = s0 + tl.arange(0, SPLIT_BLOCK)
-        ok = (s < used)[:, None] & g_ok[None, :]
-        lse = tl.load(part_lse_ptr + heads[None, :] * NUM_SPLITS + s[:, None], mask=ok, other=float("-inf"),
-                      cache_modifier=".cg")
-        top = tl.maximum(top, tl.max(lse, 0))
+    every = tl.arange(0, SPLITS_POW2)
+    lse = tl.load(part_lse_ptr + heads[None, :] * NUM_SPLITS + every[:, None],
+                  mask=(every < used)[:, None] & g_ok[None, :], other=float("-inf"), cache_modifier=".cg")
+    top = tl.max(lse, 0)
     top = tl.where(top == float("-inf"), 0.0, top)  # no keys at all: weights 0, output 0
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     total = tl.zeros([BLOCK_G], tl.float32)
@@ -155,7 +154,8 @@ def _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, used, str
         s = s0 + tl.arange(0, SPLIT_BLOCK)
         ok = (s < used)[:, None] & g_ok[None, :]
         part = heads[None, :] * NUM_SPLITS + s[:, None]  # [SPLIT_BLOCK, BLOCK_G]
-        w = tl.exp2(tl.load(part_lse_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg") - top[None, :])
+        w = tl.load(part_lse_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp2(w - top[None, :])
         o = tl.load(part_out_ptr + part[:, :, None] * HEAD_DIM + dims[None, None, :], mask=ok[:, :, None],
                     other=0.0, cache_modifier=".cg")
         total += tl.sum(w, 0)
@@ -311,7 +311,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
-        COMBINE=combine, BLOCK_G=triton.next_power_of_2(group), SPLIT_BLOCK=min(splits_pow2, 16),
+        COMBINE=combine, BLOCK_G=triton.next_power_of_2(group), SPLITS_POW2=splits_pow2,
+        SPLIT_BLOCK=min(splits_pow2, 16),
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1 and not combine:
         _decode_reduce_kernel[(batch, num_heads)](

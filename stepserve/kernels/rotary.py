@@ -17,7 +17,7 @@ import triton.language as tl
 
 @triton.jit
 def _norm_rotate(lo_ptr, mask, w_ptr, eps, cos, sin, half_dims, half_ok, HALF: tl.constexpr, NORM: tl.constexpr):
-    """Heads [rows] of one token (lo_ptr: their first halves), normalized (NORM) and rotated: two halves in x's dtype."""
+    """A token's heads (lo_ptr: their first halves), normalized (NORM) and rotated: two halves in x's dtype."""
     dtype = lo_ptr.dtype.element_ty
     x1 = tl.load(lo_ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(lo_ptr + HALF, mask=mask, other=0.0).to(tl.float32)

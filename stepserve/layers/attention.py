@@ -2,9 +2,10 @@
 
 The model runner fills a `ForwardContext` for each step and sets it with `forward_context(...)`; each
 `Attention` layer writes the step's new K/V into its pages (`slot_mapping`) and attends over the whole
-sequence (`block_tables`, `kv_lens`). A model whose K needs work before it is stored (Qwen3's per-head norm
-and rotation) stores through `Attention.qk_norm_rope_store`, one kernel on GPU, and then calls `attend`. A step is a flat batch of sequences, each contributing `q_len >= 1`
-new tokens (prefill chunks and decodes may be mixed). Models never see the scheduler.
+sequence (`block_tables`, `kv_lens`). A step is a flat batch of sequences, each contributing `q_len >= 1`
+new tokens (prefill chunks and decodes may be mixed). Models never see the scheduler. A model whose K needs
+work before it is stored (Qwen3's per-head norm and rotation) stores through `Attention.qk_norm_rope_store`,
+one kernel on GPU, and then calls `Attention.attend`.
 
 KV layout per layer: `kv_cache[0]` is K, `kv_cache[1]` is V, each [num_pages, page_size, num_kv_heads, head_dim].
 """
