@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from stepserve.layers.attention import build_context, forward_context
 from stepserve.loader import load_model
+from stepserve.models.perception_encoder import DEFAULT_OPTIONS, VisionOptions
 from stepserve.testing import attach_kv_cache
 
 # float32 everywhere; the reference differs only in summation order (explicit loops vs fused kernels).
@@ -117,15 +118,75 @@ def images(n: int, size: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def test_global_view_and_crop_match_reference(model, weights, config):
+@pytest.fixture(scope="module")
+def view_and_crop(weights, config):
+    """One global view and one crop with their reference rows."""
     view, crop = images(1, 728, seed=0), images(1, 504, seed=1)
+    return view, crop, reference_features(crop[0], weights, config), reference_features(view[0], weights, config)
+
+
+@pytest.fixture
+def configured(model):
+    """The model's tower, put back to the default options after the test."""
+    yield model.vision_model
+    model.vision_model.configure(DEFAULT_OPTIONS)
+
+
+# Every way of running the tower computes the same function. On CPU the attention choice only picks the
+# per-resolution loop ("math") or the packed path ("varlen" falls back to it); the CUDA kernels behind them
+# are compared on the GPU by benchmarks/vision_tower.py --sweep.
+OPTIONS = [
+    DEFAULT_OPTIONS,
+    VisionOptions(patch_embed="conv", channels_last=False),
+    VisionOptions(packed=True, attention="math"),
+    VisionOptions(packed=True, attention="varlen", patch_embed="conv"),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: f"{o.attention}-packed{int(o.packed)}-{o.patch_embed}"
+                                                          f"-cl{int(o.channels_last)}")
+def test_global_view_and_crop_match_reference(model, configured, view_and_crop, config, options):
+    view, crop, want_crop, want_view = view_and_crop
+    configured.configure(options)
     with torch.inference_mode():
         (got,) = model.encode_images(view, crop, [1])
-    want_crop, want_view = reference_features(crop[0], weights, config), reference_features(view[0], weights, config)
     assert got.shape == (81 + 169, config["text_config"]["hidden_size"])
     assert want_view.std() > 0.1
     torch.testing.assert_close(got[:81], want_crop, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(got[81:], want_view, atol=ATOL, rtol=RTOL)
+
+
+def test_bf16_rope_is_within_bf16_rounding(model, configured, view_and_crop):
+    view, crop, want_crop, _ = view_and_crop
+    configured.configure(VisionOptions(rope_dtype=torch.bfloat16))
+    with torch.inference_mode():
+        (got,) = model.encode_images(view, crop, [1])
+    assert float((got[:81] - want_crop).norm() / want_crop.norm()) < 1e-2
+
+
+def test_compiled_blocks_share_one_graph_and_match_eager(model, configured):
+    """The blocks trace through the attention op (its fake shape) as one graph for every resolution and batch."""
+    from torch._dynamo.utils import counters
+
+    views, crops = images(2, 728, seed=6), images(3, 504, seed=7)
+    with torch.inference_mode():
+        want = model.encode_images(views, crops, [2, 1])
+        torch._dynamo.reset()
+        counters.clear()
+        configured.compile_blocks(backend="aot_eager")
+        got = model.encode_images(views, crops, [2, 1])
+        model.encode_images(views[:1], None, [0])
+    torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=ATOL, rtol=RTOL)
+
+
+def test_unknown_options_are_refused():
+    with pytest.raises(ValueError, match="attention"):
+        VisionOptions(attention="fa9")
+    with pytest.raises(ValueError, match="patch_embed"):
+        VisionOptions(patch_embed="linear")
 
 
 def test_images_with_different_crop_counts_keep_their_order(model):

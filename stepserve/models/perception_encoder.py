@@ -4,17 +4,63 @@ pixels [B, 3, S, S] -> patches (grid g = S / 14) -> + absolute position embeddin
 g differs from the trained 52) -> ln_pre -> pre-norm blocks with layer scale and 2D rotary attention ->
 two 3x3 stride-2 convs -> [B, (g / 4)^2, 4 * width]. Module names follow the checkpoint, so its tensors
 load without renaming.
+
+Inside the blocks the tokens of a batch are one flat [tokens, width] matrix, in the layout every GEMM reads
+and writes: q/k/v stay the qkv GEMM's [tokens, heads, head_dim] rows, attention reads them through strided
+views and writes [tokens, width] for out_proj, so no transpose copy is made around attention. `VisionOptions`
+selects among implementations of the same function (all compared in `benchmarks/vision_tower.py --sweep`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stepserve.layers.activation import quick_gelu
 from stepserve.layers.quant import Fp8Config, make_linear
 from stepserve.models.configs import VisionConfig
+
+_SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+@dataclass(frozen=True)
+class VisionOptions:
+    """How the tower runs on CUDA. CPU runs honour all but `attention` (always torch's choice there).
+
+    attention: "auto" (torch's SDPA choice), one SDPA backend ("cudnn", "flash", "efficient", "math"), or
+        "varlen": one FlashAttention-2 varlen launch over all sequences of the batch, whatever their lengths.
+    packed: the global views and the crops go through the blocks as one token batch (bigger GEMMs, half the
+        launches) instead of one pass per resolution.
+    rope_dtype: the dtype the 2D rotation is computed in.
+    patch_embed: "conv" (cuDNN) or "gemm" (the non-overlapping 14x14 patches are a reshape, then one GEMM).
+    channels_last: the downsampler convs read the tokens in place (NHWC is the blocks' output layout) and
+        keep their weights in NHWC; otherwise the tokens are copied to NCHW first.
+    compile_mode: torch.compile mode used by `compile_blocks` (None: the default mode).
+    """
+
+    attention: str = "auto"
+    packed: bool = False
+    rope_dtype: torch.dtype = torch.float32
+    patch_embed: str = "gemm"
+    channels_last: bool = True
+    compile_mode: str | None = None
+
+    def __post_init__(self):
+        if self.attention not in ("auto", "varlen", *_SDPA_BACKENDS):
+            raise ValueError(f"unknown vision attention {self.attention!r}")
+        if self.patch_embed not in ("conv", "gemm"):
+            raise ValueError(f"unknown patch_embed {self.patch_embed!r}")
+
+
+DEFAULT_OPTIONS = VisionOptions()
 
 
 def rope2d_angles(grid: int, head_dim: int, theta: float) -> torch.Tensor:
@@ -28,27 +74,66 @@ def rope2d_angles(grid: int, head_dim: int, theta: float) -> torch.Tensor:
 
 
 def apply_rope2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [..., N, D] by angles whose cos/sin are [N, D / 2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [..., D] by angles whose cos/sin [..., D / 2] broadcast
+    against x's pairs; computed in cos's dtype, returned in x's."""
+    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
     return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
+
+
+@torch.library.custom_op("stepserve::vision_attention", mutates_args=())
+def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: torch.Tensor,
+                     cu_seqlens: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """Bidirectional attention within each sequence of a flat batch: q, k, v [T, heads, head_dim] (any strides
+    with a contiguous last dim) -> contiguous [T, heads * head_dim].
+
+    groups: CPU int64 [G, 2], rows (sequences, tokens per sequence), laid out back to back along T.
+    cu_seqlens: int32 offsets of every sequence on q's device (backend "varlen" only).
+
+    An opaque op to torch.compile, so the compiled blocks neither copy q/k/v into another layout nor fix the
+    backend at trace time.
+    """
+    t, heads, head_dim = q.shape
+    if backend == "varlen" and q.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        longest = int(groups[:, 1].max())
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest).reshape(t, -1).contiguous()
+    outs, start = [], 0
+    use = sdpa_kernel(_SDPA_BACKENDS[backend]) if q.is_cuda and backend in _SDPA_BACKENDS else contextlib.nullcontext()
+    with use:
+        for count, length in groups.tolist():
+            end = start + count * length
+            # [count * length, heads, D] -> [count, heads, length, D] views; the kernels read these strides
+            # and write the output in q's order, so reshaping it back to tokens is free.
+            seqs = [x[start:end].unflatten(0, (count, length)).transpose(1, 2) for x in (q, k, v)]
+            outs.append(F.scaled_dot_product_attention(*seqs).transpose(1, 2).reshape(end - start, -1))
+            start = end
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)).contiguous()
+
+
+@vision_attention.register_fake
+def _vision_attention_fake(q, k, v, groups, cu_seqlens, backend):
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
 
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig, quant: Fp8Config | None = None, prefix: str = ""):
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.backend = DEFAULT_OPTIONS.attention
         # nn.MultiheadAttention's layout: q, k, v stacked along the output dim.
         self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.width, cfg.width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * cfg.width))
         self.out_proj = make_linear(quant, f"{prefix}.out_proj", cfg.width, cfg.width, bias=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, head_dim]
-        o = F.scaled_dot_product_attention(apply_rope2d(q, cos, sin), apply_rope2d(k, cos, sin), v)
-        return self.out_proj(o.transpose(1, 2).reshape(b, n, -1))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: torch.Tensor,
+                cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(x.shape[0], 3, self.heads, self.head_dim)
+        q, k, v = qkv.unbind(1)
+        o = vision_attention(apply_rope2d(q, cos, sin), apply_rope2d(k, cos, sin), v, groups, cu_seqlens,
+                             self.backend)
+        return self.out_proj(o)
 
 
 class LayerScale(nn.Module):
@@ -80,13 +165,21 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(cfg, quant, f"{prefix}.mlp")
         self.ls_2 = LayerScale(cfg.width)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.ls_1(self.attn(self.ln_1(x), cos, sin))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: torch.Tensor,
+                cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """x [tokens, width]; cos/sin [tokens, 1, head_dim / 2]; groups/cu_seqlens: see `vision_attention`."""
+        x = x + self.ls_1(self.attn(self.ln_1(x), cos, sin, groups, cu_seqlens))
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
+def _run_block(block: VisionBlock, *args) -> torch.Tensor:
+    # Compiled with the block as an argument, all 47 blocks share one graph (their weights are its inputs).
+    return block(*args)
+
+
 class PerceptionEncoder(nn.Module):
-    def __init__(self, cfg: VisionConfig, quant: Fp8Config | None = None, prefix: str = "vision_model"):
+    def __init__(self, cfg: VisionConfig, quant: Fp8Config | None = None, prefix: str = "vision_model",
+                 options: VisionOptions = DEFAULT_OPTIONS):
         """quant: which linears hold block-fp8 weights, by checkpoint name under `prefix` (None: none)."""
         super().__init__()
         self.cfg = cfg
@@ -100,14 +193,28 @@ class PerceptionEncoder(nn.Module):
         self.vit_downsampler1 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)
         self.vit_downsampler2 = nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1)
         self.register_buffer("rope_angles", rope2d_angles(cfg.grid, cfg.head_dim, cfg.rope_theta), persistent=False)
+        self._compiled_block: Callable | None = None
+        self.configure(options)
 
-    def compile_blocks(self) -> None:
+    def configure(self, options: VisionOptions) -> None:
+        """Run the tower the way `options` says from now on (the same function); leaves the blocks eager."""
+        self.options = options
+        for block in self.transformer.resblocks:
+            block.attn.backend = options.attention
+        # Changing the weights' layout in place keeps their values, so this may follow weight loading.
+        fmt = torch.channels_last if options.channels_last else torch.contiguous_format
+        for conv in (self.vit_downsampler1, self.vit_downsampler2):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=fmt)
+        self._compiled_block = None
+
+    def compile_blocks(self, backend: str = "inductor") -> None:
         """Fuse each block's pointwise work (2D rope, quick-GELU, layer scale, norms) with torch.compile.
 
-        All blocks share one compiled graph (shapes are dynamic), so this costs one compile, not 47.
+        Shapes are dynamic and the blocks share one graph, so this costs one compile for every batch, grid
+        and block.
         """
-        for block in self.transformer.resblocks:
-            block.compile(dynamic=True)
+        self._compiled_block = torch.compile(_run_block, dynamic=True, backend=backend,
+                                             mode=self.options.compile_mode)
 
     def _position_embedding(self, grid: int) -> torch.Tensor:
         pos = self.positional_embedding
@@ -117,16 +224,48 @@ class PerceptionEncoder(nn.Module):
         resized = F.interpolate(full, size=(grid, grid), mode="bilinear", align_corners=False, antialias=False)
         return resized.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] -> [B, (S / 56)^2, 4 * width]."""
-        x = self.conv1(pixel_values.to(self.conv1.weight.dtype))  # [B, w, g, g]
-        b, w, grid, _ = x.shape
-        x = self.ln_pre(x.flatten(2).transpose(1, 2) + self._position_embedding(grid))
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> ln_pre(patches + positions) as [B * g * g, width], rows in raster order per image."""
+        pixels = pixels.to(self.conv1.weight.dtype)
+        b, c, size, _ = pixels.shape
+        p = self.cfg.patch_size
+        g = size // p
+        if self.options.patch_embed == "gemm":
+            patches = pixels[..., : g * p, : g * p].reshape(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
+            x = F.linear(patches.reshape(b, g * g, c * p * p), self.conv1.weight.flatten(1))
+        else:
+            x = self.conv1(pixels).flatten(2).transpose(1, 2)
+        return self.ln_pre(x + self._position_embedding(g)).flatten(0, 1)
+
+    def _blocks(self, x: torch.Tensor, seqs: list[tuple[int, int]]) -> torch.Tensor:
+        """The blocks over x [T, width] holding `seqs` = [(images, grid)] back to back."""
         # A smaller grid (crops) uses the first rows/cols of the trained grid's angles, unscaled.
-        angles = self.rope_angles[:grid, :grid].reshape(grid * grid, -1)
-        cos, sin = angles.cos(), angles.sin()
+        angles = torch.cat([self.rope_angles[:g, :g].reshape(g * g, 1, -1).repeat(b, 1, 1) for b, g in seqs])
+        cos, sin = angles.cos().to(self.options.rope_dtype), angles.sin().to(self.options.rope_dtype)
+        groups = torch.tensor([[b, g * g] for b, g in seqs])
+        cu_seqlens = None
+        if self.options.attention == "varlen":
+            offsets = itertools.accumulate((g * g for b, g in seqs for _ in range(b)), initial=0)
+            cu_seqlens = torch.tensor(list(offsets), dtype=torch.int32).to(x.device, non_blocking=True)
+        run = self._compiled_block or _run_block
         for block in self.transformer.resblocks:
-            x = block(x, cos, sin)
-        x = x.transpose(1, 2).reshape(b, w, grid, grid)
+            x = run(block, x, cos, sin, groups, cu_seqlens)
+        return x
+
+    def _downsample(self, x: torch.Tensor, b: int, g: int) -> torch.Tensor:
+        """[b * g * g, width] -> [b, (g / 4)^2, 4 * width]."""
+        x = x.view(b, g, g, -1).permute(0, 3, 1, 2)  # NCHW sizes over NHWC memory: channels_last as it is
+        if not self.options.channels_last:
+            x = x.contiguous()
         x = self.vit_downsampler2(self.vit_downsampler1(x))
         return x.flatten(2).transpose(1, 2)
+
+    def forward(self, pixel_groups: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Batches of square images [B_i, 3, S_i, S_i] (one size per batch) -> [B_i, (S_i / 56)^2, 4 * width]."""
+        xs = [self._embed(pixels) for pixels in pixel_groups]
+        seqs = [(pixels.shape[0], pixels.shape[-1] // self.cfg.patch_size) for pixels in pixel_groups]
+        if self.options.packed:
+            xs = self._blocks(torch.cat(xs), seqs).split([b * g * g for b, g in seqs])
+        else:
+            xs = [self._blocks(x, [seq]) for x, seq in zip(xs, seqs)]
+        return [self._downsample(x, b, g) for x, (b, g) in zip(xs, seqs)]

@@ -39,20 +39,18 @@ class Step3VL10BForCausalLM(Qwen3ForCausalLM):
                 mm_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(positions, self.get_input_embeddings(input_ids, mm_embeds, mm_mask))
 
-    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.vit_large_projector(self.vision_model(pixels))
-
     def encode_images(self, pixel_values: torch.Tensor, patch_pixel_values: torch.Tensor | None,
                       num_crops: list[int]) -> list[torch.Tensor]:
         """Per image [81 * crops + 169, H]: its crops' rows in crop order, then the global view's rows.
 
-        The tower runs once over all global views and once over all crops (one batch per resolution).
+        The tower takes all global views and all crops together (one batch per resolution).
         """
         if len(num_crops) != pixel_values.shape[0]:
             raise ValueError(f"{pixel_values.shape[0]} global views but num_crops has {len(num_crops)} entries")
         num_patches = 0 if patch_pixel_values is None else patch_pixel_values.shape[0]
         if sum(num_crops) != num_patches:
             raise ValueError(f"{num_patches} crops given but num_crops sums to {sum(num_crops)}")
-        views = self._image_features(pixel_values)
-        crops = self._image_features(patch_pixel_values).split(num_crops) if num_patches else [None] * len(num_crops)
+        batches = [pixel_values, patch_pixel_values] if num_patches else [pixel_values]
+        views, *crops = (self.vit_large_projector(f) for f in self.vision_model(batches))
+        crops = crops[0].split(num_crops) if num_patches else [None] * len(num_crops)
         return [view if crop is None else torch.cat([crop.flatten(0, 1), view]) for view, crop in zip(views, crops)]
