@@ -1,4 +1,5 @@
-"""Block-fp8 weights (checkpoint and load-time quantization), the fp8 GEMM kernel (interpreter), an fp8 KV cache.
+"""Block-fp8 weights (checkpoint and load-time quantization), the fp8 kernels' prefill paths (interpreter), layers
+with a fused activation, an fp8 KV cache. (The decode GEMV's fp8 path is in tests/test_gemv_interpret.py.)
 
 Tolerances, all on float32 models so that only fp8 rounding differs:
 - fp8 checkpoint vs the same model with its weights dequantized block by block in this file: 1e-6 relative
@@ -24,8 +25,9 @@ from stepserve.errors import ModelLoadError  # noqa: E402
 from stepserve.layers import attention  # noqa: E402
 from stepserve.layers.attention import build_context, forward_context, store_kv  # noqa: E402
 from stepserve.layers.linear import Linear, MergedLinear  # noqa: E402
-from stepserve.layers.quant import (Fp8Linear, dequantize_fp8_blockwise, fp8_linear,  # noqa: E402
-                                    quantize_fp8_blockwise, quantize_fp8_per_token_group)
+from stepserve.layers.activation import silu_and_mul  # noqa: E402
+from stepserve.layers.quant import (Fp8Config, Fp8Linear, dequantize_fp8_blockwise, fp8_linear,  # noqa: E402
+                                    make_linear, quantize_fp8_blockwise, quantize_fp8_per_token_group)
 from stepserve.loader import load_model  # noqa: E402
 from stepserve.testing import attach_kv_cache, stored_in_fp8, tiny_checkpoint, tiny_fp8_checkpoint  # noqa: E402
 
@@ -118,12 +120,29 @@ def test_fp8_linear_reference_is_dequantize_then_linear():
     assert torch.allclose(out, x @ blockwise_dequant(q, scale).T + bias, rtol=1e-5, atol=1e-5)
 
 
-# -- the Triton kernel under the interpreter ------------------------------------------------------------------
+def test_layers_with_a_gated_activation():
+    """make_linear(..., activation="silu_and_mul") on a [gate, up] merge returns silu(gate) * up, fp8 or not."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(3, 256, generator=g), torch.randn(512, 256, generator=g)
+    for quant in (None, Fp8Config()):
+        layer = make_linear(quant, "model.layers.0.mlp.gate_up_proj", 256, [256, 256], activation="silu_and_mul")
+        assert isinstance(layer, Fp8Linear if quant else MergedLinear) and layer.activation == "silu_and_mul"
+        for shard, rows in enumerate(w.chunk(2)):
+            layer.load_weight("weight", rows, "w", shard)
+        plain = layer.weight.float() if quant is None else blockwise_dequant(layer.weight, layer.weight_scale_inv)
+        assert torch.allclose(layer(x), silu_and_mul(x @ plain.T), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="equal size"):
+        MergedLinear(256, [256, 128], activation="silu_and_mul")
+    with pytest.raises(ValueError, match="unknown activation"):
+        Linear(256, 512, activation="gelu")
+
+
+# -- the Triton kernels under the interpreter ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gemm():
     interpreted_triton()
-    from stepserve.kernels import fp8_gemm
-    return fp8_gemm
+    from stepserve.kernels.fp8_gemm import fp8_gemm_w8a8
+    return fp8_gemm_w8a8
 
 
 def exactly_quantizable(m: int, k: int, seed: int) -> torch.Tensor:
@@ -157,6 +176,22 @@ def test_gemm_kernel_matches_reference(gemm, m, n, k, config):
         assert rel_err(out, ref) < 1e-5, (config, b is None)
     out3 = gemm(x.view(1, m, k), q, scale, bias, **config)
     assert torch.equal(out3[0], gemm(x, q, scale, bias, **config))
+
+
+def test_prefill_helper_kernels(gemm):
+    """scaled_mm's activation quantization (rows padded to a multiple of 4, scales column-major) and the
+    dequant path's one-pass dequantization, against the library's references."""
+    from stepserve.kernels.fp8_gemm import dequantize_fp8, quantize_groups
+
+    x = exactly_quantizable(5, 320, seed=7)
+    q, s = quantize_groups(x, 8)
+    q_ref, s_ref = quantize_fp8_per_token_group(x)
+    assert q.shape == (8, 320) and s.shape == (8, 3) and s.stride() == (1, 8)
+    assert torch.equal(q[:5].float(), q_ref.float()) and torch.equal(s[:5], s_ref)
+    assert not q[5:].float().any() and torch.equal(s[5:], torch.ones(3, 3))
+    w, scale = quantize_fp8_blockwise(torch.randn(200, 300, generator=torch.Generator().manual_seed(8)))
+    for dtype in (torch.float32, torch.float16):
+        assert torch.equal(dequantize_fp8(w, scale, dtype), dequantize_fp8_blockwise(w, scale, dtype))
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------

@@ -1,34 +1,45 @@
-"""Block-scaled fp8 GEMM for the block-fp8 linear layers (`stepserve.layers.quant`), with its reference.
+"""Block-fp8 linear layers on CUDA: `fp8_gemm` is the `fp8_linear` layer function's kernel; it picks a path
+by the number of rows M of x (`fp8_path`, an explicit rule whose thresholds benchmarks/fp8.py measures):
 
-out[M, N] = x[M, K] @ W[N, K].T (+ bias), W float8_e4m3fn with a float32 scale per 128 x 128 block. x is
-quantized per token per 128 columns inside the kernel (scale = amax / 448, as the weights are), so each
-128-wide K step is one fp8 tensor-core dot whose fp32 result is scaled by (x group scale) x (W block scale)
-and accumulated in fp32; the output is written in x's dtype. torch._scaled_mm cannot do this: it takes
-per-tensor or per-row/column scales, not 128 x 128 blocks.
+- "skinny" (M <= SKINNY_MAX): kernels/gemv.py, weight-only. x stays in bf16; W is read once and dequantized
+  exactly in registers (register path at M = 1, tensor cores above), float32 sums, one rounding. Decode is a
+  stream over W, so this runs at memory bandwidth in fp8 bytes; it also fuses silu_and_mul.
+- "scaled_mm" (larger M, where torch has it for this GPU: sm_90, torch >= 2.10 built with CUDA >= 12.9):
+  cuBLAS's block-scaled fp8 GEMM (torch.nn.functional.scaled_mm with 1x128 activation groups and 128x128
+  weight blocks, DeepSeek-V3's recipe). x is quantized per token per 128 columns by `quantize_groups` (scale
+  amax / 448, as the weights are), and cuBLAS applies both scales per 128-wide K block in float32: fp8 tensor
+  core rate for prefill.
+- "dequant" (larger M elsewhere): W dequantized to x's dtype by one Triton pass, then cuBLAS bf16. Weight-only
+  like the reference; costs one read of W and a write + read of its bf16 copy per call.
 
-One kernel, two tilings (`default_config`):
-- M > 64 (prefill): 64/128 x 128 output tiles, grouped along M so W tiles are reused from L2; one K pass.
-- M <= 64 (decode): one 16..64-row tile covers every token, so W, the only large operand, is read once;
-  64-column tiles with the K loop split over programs so every SM streams its share of W. The fp32
-  partials [splits, M, N] are summed by a second small kernel (deterministic, unlike atomics).
+`fp8_gemm_w8a8` is the Triton block-scaled GEMM this module used for every M before (x quantized per token
+group inside the kernel, each 128-wide K step one fp8 dot scaled in float32): benchmarks/fp8.py keeps it as a
+candidate, since a better-tuned config of it could still win a range of M.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from stepserve.kernels.activation import silu_and_mul
+from stepserve.kernels.gemv import linear_small_m, sum_splits
 from stepserve.kernels.paged_attention import _num_sms
 from stepserve.layers.quant import (BLOCK, FP8_DTYPE, FP8_MAX, cdiv, dequantize_fp8_blockwise,
                                     quantize_fp8_per_token_group)
 
-SMALL_M = 64
+# Rows up to which the skinny kernel's tensor-core path beats the GEMMs (benchmarks/fp8.py, M = 16 and 64).
+SKINNY_MAX = 64
+SMALL_M = 64  # fp8_gemm_w8a8's decode tiling (one row tile, split-K) up to this many rows
 
 
 def fp8_gemm_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernel's math in plain torch: per-token-group fp8 activations, exact fp8 products, fp32 sums."""
+    """The W8A8 paths' math in plain torch: per-token-group fp8 activations, exact fp8 products, fp32 sums."""
     x2 = x.reshape(-1, x.shape[-1])
     xq, xs = quantize_fp8_per_token_group(x2)
     a = xq.float() * xs.repeat_interleave(BLOCK, 1)[:, : x2.shape[1]]
@@ -38,6 +49,110 @@ def fp8_gemm_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: 
     return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
+@functools.cache
+def scaled_mm_supported(device: torch.device) -> bool:
+    """Whether F.scaled_mm has the 1x128 x 128x128 block recipe here: PyTorch implements it through cuBLASLt
+    (CUDA >= 12.9) on sm_90 only. Decided without a trial call, so the answer is the same during graph capture."""
+    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    return device.type == "cuda" and hasattr(F, "scaled_mm") and cuda >= (12, 9) and \
+        torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def fp8_path(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> str:
+    """The rule `fp8_gemm` follows: "skinny" up to SKINNY_MAX rows of bf16/fp16, then "scaled_mm" where it is
+    supported and the shape is whole 128 blocks (cuBLAS's scale layouts), else "dequant"."""
+    if M <= SKINNY_MAX and dtype in (torch.bfloat16, torch.float16):
+        return "skinny"
+    if N % BLOCK == 0 and K % BLOCK == 0 and scaled_mm_supported(device):
+        return "scaled_mm"
+    return "dequant"
+
+
+def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+             bias: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
+    """`stepserve.layers.quant.fp8_linear` on CUDA: x [..., K] -> [..., N] in x's dtype, by `fp8_path`."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    path = fp8_path(x2.shape[0], weight.shape[0], K, x.dtype, x.device)
+    if path == "skinny":
+        return linear_small_m(x, weight, bias, weight_scale_inv=weight_scale_inv, activation=activation)
+    if path == "scaled_mm":
+        out = fp8_scaled_mm(x2, weight, weight_scale_inv, bias)
+    else:
+        out = F.linear(x2, dequantize_fp8(weight, weight_scale_inv, x.dtype), bias)
+    out = out if activation is None else silu_and_mul(out)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+# -- scaled_mm: activation quantization + cuBLAS ------------------------------------------------------------
+@triton.jit
+def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_sk, FP8_MAX: tl.constexpr,
+                            GROUPS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = g[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [GROUPS, BLOCK]
+    x_cols = tl.where(row < M, K, 0)  # rows M.. are padding: zeros with scale 1
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + cols, mask=cols < x_cols, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    scale = tl.where(amax > 0, amax / FP8_MAX, 1.0)
+    q = x / scale[:, None]
+    tl.store(q_ptr + row.to(tl.int64) * K + cols, q.to(q_ptr.dtype.element_ty), mask=cols < K)
+    tl.store(s_ptr + g * stride_sk + row, scale, mask=g < tl.cdiv(K, BLOCK))
+
+
+def quantize_groups(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> fp8 [rows, K] and float32 scales [rows, K / 128] in the column-major layout cuBLAS wants
+    (stride (1, rows)); rows >= M are zero (cuBLAS wants the row count a multiple of 4). Same math as
+    `quantize_fp8_per_token_group`."""
+    M, K = x.shape
+    q = torch.empty(rows, K, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(cdiv(K, BLOCK), rows, dtype=torch.float32, device=x.device)
+    groups = 8
+    _quantize_groups_kernel[(rows, cdiv(cdiv(K, BLOCK), groups))](x, q, s, M, K, x.stride(0), s.stride(0),
+                                                                  FP8_MAX=FP8_MAX, GROUPS=groups, BLOCK=BLOCK,
+                                                                  num_warps=4)
+    return q, s.t()
+
+
+def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (K, N multiples of 128) -> [M, N] through F.scaled_mm's BlockWise1x128 x BlockWise128x128
+    recipe; the same math as `fp8_gemm_reference`."""
+    M = x.shape[0]
+    q, s = quantize_groups(x if x.stride(-1) == 1 else x.contiguous(), cdiv(M, 4) * 4)
+    # cuBLAS reads the weight's scales as [K / 128 rounded up to 4, N / 128], column-major.
+    ws = weight_scale_inv
+    if ws.shape[1] % 4:
+        ws = F.pad(ws, (0, -ws.shape[1] % 4))
+    out = F.scaled_mm(q, weight.t(), s, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
+                      output_dtype=x.dtype)[:M]
+    return out if bias is None else out.add_(bias)
+
+
+# -- dequant: W to bf16 once, then cuBLAS -----------------------------------------------------------------
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = (rows < N)[:, None] & (cols < K)[None, :]
+    w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :], mask=ok, other=0.0)
+    scale = tl.load(s_ptr + tl.program_id(0) * stride_sn + tl.program_id(1))
+    out = w.to(tl.float32) * scale
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_on + cols[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=ok)
+
+
+def dequantize_fp8(weight: torch.Tensor, weight_scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize_fp8_blockwise` in one pass: one program per 128 x 128 block."""
+    N, K = weight.shape
+    out = torch.empty(N, K, dtype=dtype, device=weight.device)
+    _dequant_kernel[(cdiv(N, BLOCK), cdiv(K, BLOCK))](weight, weight_scale_inv, out, N, K, weight.stride(0),
+                                                      weight_scale_inv.stride(0), out.stride(0), BLOCK=BLOCK,
+                                                      num_warps=8)
+    return out
+
+
+# -- the Triton W8A8 GEMM -------------------------------------------------------------------------------
 @triton.jit
 def _fp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
                      stride_xm, stride_wn, stride_wsn, stride_om, stride_split,
@@ -89,22 +204,10 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
         tl.store(out_ptr + split * stride_split + out_off, acc, mask=ok)
 
 
-@triton.jit
-def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr,
-                       SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < M * N
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for s in range(SPLIT_K):  # a fixed order: the sum does not depend on timing
-        acc += tl.load(part_ptr + s * M * N + offs, mask=ok, other=0.0)
-    n = offs % N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + n, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + (offs // N) * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
 def default_config(M: int, N: int, K: int, num_sms: int) -> dict:
-    """Tile sizes and launch options for an [M, K] x [N, K].T GEMM (see the module docstring)."""
+    """fp8_gemm_w8a8's tiles: M > 64 (prefill): 64/128 x 128 output tiles, grouped along M so W tiles are
+    reused from L2, one K pass. M <= 64: one 16..64-row tile covers every token, so W is read once; 64-column
+    tiles with the K loop split over programs so every SM streams its share of W."""
     if M <= SMALL_M:
         block_n = 64
         tiles = cdiv(N, block_n)
@@ -118,9 +221,9 @@ def default_config(M: int, N: int, K: int, num_sms: int) -> dict:
             "num_warps": 8 if block_m * block_n >= 128 * 128 else 4, "num_stages": 3}
 
 
-def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-             bias: torch.Tensor | None = None, **config) -> torch.Tensor:
-    """Drop-in for `stepserve.layers.quant.fp8_linear` on CUDA: x [..., K] -> [..., N] in x's dtype.
+def fp8_gemm_w8a8(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                  bias: torch.Tensor | None = None, **config) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x's dtype with the math of `fp8_gemm_reference`, in one Triton kernel.
 
     `config` overrides entries of `default_config` (block_m, block_n, split_k, group_m, num_warps, num_stages).
     """
@@ -146,6 +249,5 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tens
         HAS_BIAS=has_bias, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=BLOCK, SPLIT_K=split_k,
         GROUP_M=cfg["group_m"], FP8_MAX=FP8_MAX, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split_k > 1:
-        _sum_splits_kernel[(cdiv(M * N, 1024),)](target, bias if has_bias else target, out, M, N, N,
-                                                 HAS_BIAS=has_bias, SPLIT_K=split_k, BLOCK=1024, num_warps=4)
+        sum_splits(target, bias, out)
     return out.view(*x.shape[:-1], N)

@@ -1,23 +1,34 @@
-"""Skinny bf16 GEMM for decode (M <= SMALL_M_MAX tokens): out[M, N] = x[M, K] @ W[N, K].T (+ bias).
+"""Skinny GEMM for decode: out[M, N] = x[M, K] @ W[N, K].T (+ bias) for a few rows of x, W in bf16/fp16 or
+block-fp8 (float8_e4m3fn with a float32 scale per 128 x 128 block, `stepserve.layers.quant`).
 
 At M <= 8 a linear layer is a stream over W: every other operand is tiny (x is 64 KB at most, and stays in
 L1/L2). The kernel's only job is to keep enough of W in flight to run at memory bandwidth, which cuBLAS's
 GEMV does not (~77% of the copy ceiling at batch 1, docs/performance). Each program owns BLOCK_N output
-columns (rows of W) and walks K in BLOCK_K steps with 16-byte loads along each contiguous row of W,
-accumulating in float32. Two ways to do the arithmetic, chosen per shape by `default_config` (see
-benchmarks/NOTES-gemv.md for the measurements):
-- register ("fma", M == 1): plain loads, each thread multiplies its 16-byte vectors by the matching slice of
-  x and sums them into one float32 per row; the cross-thread sum over K runs once, after the loop. Triton
+columns (rows of W) and walks K in BLOCK_K steps with vector loads along each contiguous row of W,
+accumulating in float32. Two ways to do the arithmetic, chosen per shape by
+`default_config` (see benchmarks/NOTES-gemv.md for the measurements):
+- register ("fma", M == 1): plain loads of 8 values (16 bytes of bf16, 8 of fp8), each thread multiplies its
+  vectors by the matching slice of x and sums them into one float32 per row; the cross-thread sum over K runs once, after the loop. Triton
   does not pipeline plain loads (num_stages has no effect on them, and ptxas sinks a hand-written
   prefetch below the arithmetic to save registers), so bytes in flight come from the loads a step issues
   before its first product and from occupancy: see `default_config`.
-- tensor core ("dot", any M <= 16): x padded to 16 rows (masked, so the padding reads nothing), W as the
-  left operand in [BLOCK_N, BLOCK_K] tiles, K-contiguous as stored; Triton pipelines the tiles through
+- tensor core ("dot", up to MAX_ROWS rows): x padded to 16+ rows (masked, so the padding reads nothing), W as
+  the left operand in [BLOCK_N, BLOCK_K] tiles, K-contiguous as stored; Triton pipelines the tiles through
   shared memory with 16-byte cp.async, `num_stages` deep (mma.sync at BLOCK_N 16/32, wgmma from 64).
-Rows of W past N re-read row N - 1 rather than being masked, so W's loads carry no predicate; only the store
-is masked. With split_k > 1 the K range is cut into that many parts whose float32 partials a second small
-kernel sums in a fixed order (deterministic, unlike atomics).
-The grid depends only on (M, N, K) and the config, and nothing syncs with the host: CUDA-graph safe.
+fp8 weights are dequantized exactly: e4m3 values convert to float32 (or, for the tensor cores, to x's dtype,
+which holds every e4m3 value), and each vector's (register path) or each <= 128-wide K step's (dot path)
+float32 sum is multiplied by its block scale before it is accumulated. x stays in its dtype: this is
+weight-only quantization, one rounding at the end, like the reference.
+
+activation="silu_and_mul": W stacks [gate; up] (2N rows); each program reads its BLOCK_N gate rows and the
+matching up rows as one 2 x BLOCK_N row tile and writes silu(gate) * up, so the 2N-wide product never goes
+to memory and no second kernel runs (for the decoder MLP's gate_up projection).
+
+Rows of W past N re-read row N - 1 (of their half) rather than being masked, so W's loads carry no
+predicate; only the store is masked. With split_k > 1 the K range is cut into that many parts whose float32
+partials a second small kernel sums in a fixed order (deterministic, unlike atomics), then adds the bias
+and applies the activation. The grid depends only on the shapes and the config, and nothing syncs with the
+host: CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -29,43 +40,85 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from stepserve.kernels.fp8_gemm import _sum_splits_kernel
+from stepserve.kernels.activation import silu_and_mul
 from stepserve.kernels.paged_attention import _num_sms
+from stepserve.layers.quant import BLOCK as SCALE_BLOCK
+from stepserve.layers.quant import FP8_DTYPE, dequantize_fp8_blockwise
 
-SMALL_M_MAX = 8
-# The register path's W tile puts 32 lanes x 8 bf16 (one 16-byte vector each) along K per warp.
-FMA_K_PER_WARP = 256
+SMALL_M_MAX = 8  # decode batches up to this many rows take the skinny kernel (`linear`, `fp8_linear` on CUDA)
+MAX_ROWS = 64  # what the tensor-core path accepts at all (benchmarks/fp8.py tries it above SMALL_M_MAX)
+ACTIVATIONS = (None, "silu_and_mul")
+# The register path loads 8 values of W per thread at a time (16 bytes of bf16, 8 of fp8), as many as one
+# 16-byte load of x: W and x then share a layout. 16 fp8 values per load would give W a layout of its own and
+# move x through shared memory on every step.
+FMA_VEC = 8
+# A warp's W tile puts 32 lanes x FMA_VEC values along K.
+FMA_K_PER_WARP = 32 * FMA_VEC
 
 
-def linear_small_m_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernel's math in plain torch: float32 products and sums, one rounding to x's dtype."""
-    out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+def linear_small_m_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                             weight_scale_inv: torch.Tensor | None = None,
+                             activation: str | None = None) -> torch.Tensor:
+    """The kernel's math in plain torch: the exact (dequantized) weight, float32 products and sums, the
+    activation in float32, one rounding to x's dtype."""
+    w = weight.float() if weight_scale_inv is None else dequantize_fp8_blockwise(weight, weight_scale_inv,
+                                                                                 torch.float32)
+    out = F.linear(x.float(), w, None if bias is None else bias.float())
+    if activation == "silu_and_mul":
+        gate, up = out.chunk(2, dim=-1)
+        out = F.silu(gate) * up
     return out.to(x.dtype)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_split,
-                 HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+def _silu_mul(gate, up):
+    return gate / (1.0 + tl.exp(-gate)) * up
+
+
+@triton.jit
+def _block_scale(ws_ptr, first, second, part, kcol, SILU: tl.constexpr):
+    """The fp8 scale of each row of the tile at scale column(s) kcol. A tile's rows of one half share a scale
+    row (BLOCK_N divides the 128-row block), so this is one small load per half instead of one per row."""
+    s = tl.load(ws_ptr + first + kcol)
+    if SILU:
+        s = tl.where(part == 0, s, tl.load(ws_ptr + second + kcol))
+    return s
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_wsn, stride_om,
+                 stride_split, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, SILU: tl.constexpr,
+                 USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, VEC: tl.constexpr, SCALE_BLOCK: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    # Rows past N re-read row N - 1 (their results are never stored), so W's loads need no predicate.
-    w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    ROWS: tl.constexpr = BLOCK_N * (1 + SILU)
+    r = tl.arange(0, ROWS)
+    part = r // BLOCK_N  # 0: the rows of the output (or the gate), 1: the up rows
+    offs_n = pid_n * BLOCK_N + r % BLOCK_N  # the output column each row of the tile feeds
+    pre_col = offs_n + part * N  # its column before the activation: W row, bias entry, split-K partial
+    # Rows past N re-read row N - 1 of their half (their results are never stored): no predicate on W's loads.
+    w_rows = w_ptr + (tl.minimum(offs_n, N - 1) + part * N).to(tl.int64)[:, None] * stride_wn  # [ROWS, 1]
+    if HAS_SCALE:
+        scale_first = (pid_n * BLOCK_N // SCALE_BLOCK) * stride_wsn
+        scale_second = ((N + pid_n * BLOCK_N) // SCALE_BLOCK) * stride_wsn
+        scale_cols = tl.cdiv(K, SCALE_BLOCK)
 
     k_steps = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_steps, SPLIT_K)
     k_start = split * per_split * BLOCK_K
     k_end = tl.minimum(k_start + per_split * BLOCK_K, K)
     cols = tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
     if USE_DOT:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        acc = tl.zeros((ROWS, BLOCK_M), tl.float32)
     else:
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K // 8), tl.float32)
+        acc2 = tl.zeros((ROWS, BLOCK_K // VEC), tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
         offs_k = k + cols
+        if not USE_DOT:  # VEC values per load however narrow W's values are (see FMA_VEC)
+            offs_k = tl.max_contiguous(offs_k, VEC)
         k_ok = offs_k < K
         if EVEN_K:
             w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
@@ -75,44 +128,96 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
             # x rows past M are masked (not clamped): padding to 16 rows then costs no memory traffic.
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            acc = tl.dot(w, tl.trans(x), acc)  # [BLOCK_N, BLOCK_M]
+            if HAS_SCALE:  # BLOCK_K divides 128: the whole step has one scale column
+                s = _block_scale(ws_ptr, scale_first, scale_second, part[:, None], k // SCALE_BLOCK, SILU)
+                acc += tl.dot(w.to(x.dtype), tl.trans(x)) * s
+            else:
+                acc = tl.dot(w, tl.trans(x), acc)  # [ROWS, BLOCK_M]
         else:  # M == 1
             if EVEN_K:
-                x = tl.load(x_ptr + offs_k)
+                x = tl.load(x_ptr + offs_k)[None, :]
             else:
-                x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
-            # Each thread sums its own 8 products per row (one 16-byte vector): a quarter of the registers of
-            # keeping every product, and still no cross-thread reduction inside the loop.
-            prod = w.to(tl.float32) * x.to(tl.float32)[None, :]
-            acc2 += tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // 8, 8)), axis=2)
-    if USE_DOT:
-        acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
-    else:
-        acc = tl.sum(acc2, axis=1)[None, :]
+                x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)[None, :]
+            # Each thread sums its own products per row and vector: fewer registers than keeping every product,
+            # no cross-thread reduction inside the loop, and one fp8 scale multiply per vector.
+            prod = w.to(tl.float32) * x.to(tl.float32)
+            vec_sums = tl.sum(tl.reshape(prod, (ROWS, BLOCK_K // VEC, VEC)), axis=2)
+            if HAS_SCALE:
+                kcol = (k + tl.arange(0, BLOCK_K // VEC) * VEC) // SCALE_BLOCK
+                if not EVEN_K:  # vectors past K (their W reads as 0) may have no scale column
+                    kcol = tl.minimum(kcol, scale_cols - 1)
+                vec_sums *= _block_scale(ws_ptr, scale_first, scale_second, part[:, None], kcol[None, :], SILU)
+            acc2 += vec_sums
+    if not USE_DOT:
+        acc = tl.sum(acc2, axis=1)[:, None]  # [ROWS, 1]
 
-    ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    out_off = offs_m[:, None] * stride_om + offs_n[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.store(out_ptr + split * stride_split + out_off, acc, mask=ok)
+            acc += tl.load(bias_ptr + pre_col, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+        if SILU:
+            gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_N, BLOCK_M)), (1, 2, 0)))
+            acc = _silu_mul(gate, up)
+        out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = (out_n < N)[:, None] & m_ok[None, :]
+        tl.store(out_ptr + offs_m[None, :] * stride_om + out_n[:, None], acc.to(out_ptr.dtype.element_ty), mask=ok)
+    else:  # float32 partials [SPLIT_K, M, N * (1 + SILU)], summed and activated by _sum_splits_kernel
+        ok = (offs_n < N)[:, None] & m_ok[None, :]
+        tl.store(out_ptr + split * stride_split + offs_m[None, :] * stride_om + pre_col[:, None], acc, mask=ok)
 
 
-def default_config(M: int, N: int, K: int, num_sms: int) -> dict:
-    """Launch config for an [M, K] x [N, K].T product with M <= SMALL_M_MAX (see benchmarks/NOTES-gemv.md).
+@triton.jit
+def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                       SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[m, n] = sum over splits of part[s, m, n] (+ bias[n]); with SILU, silu(that) * (the same at n + N)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < M * N
+    m = offs // N
+    n = offs % N
+    width = N * (1 + SILU)
+    src = part_ptr + m * width + n
+    acc = tl.zeros((BLOCK,), tl.float32)
+    up = tl.zeros((BLOCK,), tl.float32)
+    for s in range(SPLIT_K):  # a fixed order: the sum does not depend on timing
+        acc += tl.load(src + s * M * width, mask=ok, other=0.0)
+        if SILU:
+            up += tl.load(src + s * M * width + N, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=ok, other=0.0).to(tl.float32)
+        if SILU:
+            up += tl.load(bias_ptr + N + n, mask=ok, other=0.0).to(tl.float32)
+    if SILU:
+        acc = _silu_mul(acc, up)
+    tl.store(out_ptr + m * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
-    M = 1 takes the register path with 8 rows of W per program: N / 8 programs (512 for the 4096-wide layers,
-    ~19k for lm_head), so every SM streams W from ~4 resident programs and the last wave is short.
-    Larger M takes the tensor-core path with 16 rows per program. Split-K only where programs < SMs."""
+
+def sum_splits(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, silu: bool = False) -> None:
+    """out [M, N] = partials [split, M, N * (1 + silu)] summed over splits (+ bias), silu(gate) * up if silu."""
+    M, N = out.shape
+    has_bias = bias is not None
+    _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](partials, bias if has_bias else partials, out, M, N,
+                                                    out.stride(0), HAS_BIAS=has_bias, SILU=silu,
+                                                    SPLIT_K=partials.shape[0], BLOCK=1024, num_warps=4)
+
+
+def default_config(M: int, N: int, K: int, num_sms: int, fp8: bool = False, silu: bool = False) -> dict:
+    """Launch config for an [M, K] x [N', K].T product with M <= MAX_ROWS rows, N output columns (N' = 2N
+    with silu), bf16/fp16 or fp8 weights (see benchmarks/NOTES-gemv.md).
+
+    M = 1 takes the register path with 8 rows of W per program (4 gate + 4 up with silu): N / 8 programs
+    (512 for the 4096-wide layers, ~19k for lm_head), so every SM streams W from ~4 resident programs and
+    the last wave is short. Larger M takes the tensor-core path with 16 rows per program (32 for fp8, whose
+    steps are at most 128 wide: one scale column each). Split-K only where programs < SMs."""
+    halves = 2 if silu else 1
     if M == 1:
-        # Two 16-byte vectors per row per thread: ptxas then issues 14 of a step's 16 loads before the first
-        # product (at one vector it issues 4 of 8, then waits), ~28 KB in flight per program, 4 per SM.
-        cfg = {"use_dot": False, "block_n": 8, "num_warps": 4, "num_stages": 1}
-        cfg["block_k"] = 2 * FMA_K_PER_WARP * cfg["num_warps"]
+        # Two loads per row per thread: ptxas then issues 14-16 of a step's 16 loads of W before the first
+        # product: ~28 KB in flight per program in bf16 (16-byte loads; 120 registers, 4 programs per SM),
+        # 16 KB in fp8 (8-byte loads; 96-103 registers, 4-5 per SM). See NOTES-gemv.md.
+        cfg = {"use_dot": False, "block_n": 8 // halves, "block_k": 2 * FMA_K_PER_WARP * 4, "num_stages": 1}
+    elif fp8:
+        cfg = {"use_dot": True, "block_n": 32 // halves, "block_k": 128, "num_stages": 6}
     else:
-        cfg = {"use_dot": True, "block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 4}
+        cfg = {"use_dot": True, "block_n": 16 // halves, "block_k": 256, "num_stages": 4}
+    cfg["num_warps"] = 4
     tiles = triton.cdiv(N, cfg["block_n"])
     k_steps = triton.cdiv(K, cfg["block_k"])
     cfg["split_k"] = 1 if tiles >= num_sms else max(1, min(triton.cdiv(2 * num_sms, tiles), k_steps))
@@ -120,51 +225,76 @@ def default_config(M: int, N: int, K: int, num_sms: int) -> dict:
 
 
 def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   weight_scale_inv: torch.Tensor | None = None, activation: str | None = None,
                    out: torch.Tensor | None = None, **config) -> torch.Tensor:
-    """F.linear for at most SMALL_M_MAX rows of x ([..., K] -> [..., N] in x's dtype), float32 sums.
+    """F.linear for at most MAX_ROWS rows of x ([..., K] -> [..., N] in x's dtype), float32 sums.
 
+    weight: [N', K] in x's dtype, or float8_e4m3fn with `weight_scale_inv` [ceil(N'/128), ceil(K/128)].
+    activation="silu_and_mul": weight stacks [gate; up], N' = 2N, and the result is silu(gate) * up.
     `out` (contiguous [M, N], x's dtype) receives the result when given. `config` overrides entries of
     `default_config`: use_dot, block_n, block_k, split_k, num_warps, num_stages. The register path
-    (use_dot=False) takes M == 1 only, and wants block_k = FMA_K_PER_WARP * num_warps (a multiple works
-    too): then x's slice lands in the same threads as W's columns; any other value moves x through shared
-    memory on every step."""
+    (use_dot=False) takes M == 1 only, and wants block_k = FMA_K_PER_WARP * num_warps * (loads per row per
+    thread): then x's slice lands in the same threads as W's columns; any other value moves x through shared
+    memory on every step. The fp8 tensor-core path wants a block_k that divides 128."""
     K = x.shape[-1]
-    N = weight.shape[0]
+    assert activation in ACTIVATIONS, activation
+    silu = activation == "silu_and_mul"
+    fp8 = weight_scale_inv is not None
     assert weight.dim() == 2 and weight.shape[1] == K and weight.stride(-1) == 1, (weight.shape, weight.stride())
-    assert weight.dtype == x.dtype, (weight.dtype, x.dtype)
-    assert bias is None or (bias.shape == (N,) and bias.is_contiguous()), bias.shape
+    assert weight.dtype == (FP8_DTYPE if fp8 else x.dtype), (weight.dtype, x.dtype)
+    assert not silu or weight.shape[0] % 2 == 0, weight.shape
+    N = weight.shape[0] // (2 if silu else 1)
+    assert bias is None or (bias.shape == (weight.shape[0],) and bias.is_contiguous()), bias.shape
     x2 = x.reshape(math.prod(x.shape[:-1]), K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    if M > SMALL_M_MAX:
-        raise ValueError(f"linear_small_m takes at most {SMALL_M_MAX} rows, got {M}")
+    if M > MAX_ROWS:
+        raise ValueError(f"linear_small_m takes at most {MAX_ROWS} rows, got {M}")
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     assert out.shape == (M, N) and out.dtype == x.dtype and out.is_contiguous(), (out.shape, out.dtype)
     if M == 0 or N == 0:
         return out.view(*x.shape[:-1], N)
     if K == 0:
-        out.copy_(bias.expand(M, N) if bias is not None else torch.zeros_like(out))
+        out.copy_(linear_small_m_reference(x2, weight, bias, weight_scale_inv=weight_scale_inv,
+                                           activation=activation))
         return out.view(*x.shape[:-1], N)
-    cfg = default_config(M, N, K, _num_sms(x.device)) | config
-    split_k, block_n, block_k = cfg["split_k"], cfg["block_n"], cfg["block_k"]
-    if not cfg["use_dot"] and M != 1:
+    cfg = default_config(M, N, K, _num_sms(x.device), fp8, silu) | config
+    split_k, block_n, block_k, use_dot = cfg["split_k"], cfg["block_n"], cfg["block_k"], cfg["use_dot"]
+    if not use_dot and M != 1:
         raise ValueError("the register path (use_dot=False) takes one row of x")
-    target = out if split_k == 1 else torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
+    if fp8:
+        assert weight_scale_inv.shape == (triton.cdiv(weight.shape[0], SCALE_BLOCK), triton.cdiv(K, SCALE_BLOCK))
+        assert weight_scale_inv.dtype == torch.float32 and weight_scale_inv.stride(-1) == 1
+        # One scale row per half of a row tile, one scale column per tensor-core step.
+        assert SCALE_BLOCK % block_n == 0 and (not silu or N % block_n == 0), (block_n, N)
+        assert not use_dot or SCALE_BLOCK % block_k == 0, block_k
+    target = out if split_k == 1 else torch.empty(split_k, M, N * (1 + silu), dtype=torch.float32, device=x.device)
     has_bias = bias is not None
     _gemv_kernel[(triton.cdiv(N, block_n), split_k)](
-        x2, weight, bias if has_bias else weight, target, M, N, K, x2.stride(0), weight.stride(0), N, M * N,
-        HAS_BIAS=has_bias, USE_DOT=cfg["use_dot"], EVEN_K=K % block_k == 0, BLOCK_M=16 if cfg["use_dot"] else 1,
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        x2, weight, weight_scale_inv if fp8 else weight, bias if has_bias else weight, target, M, N, K,
+        x2.stride(0), weight.stride(0), weight_scale_inv.stride(0) if fp8 else 0, target.stride(-2),
+        M * N * (1 + silu), HAS_BIAS=has_bias, HAS_SCALE=fp8, SILU=silu, USE_DOT=use_dot, EVEN_K=K % block_k == 0,
+        BLOCK_M=max(16, triton.next_power_of_2(M)) if use_dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
+        VEC=FMA_VEC, SCALE_BLOCK=SCALE_BLOCK, SPLIT_K=split_k, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     if split_k > 1:
-        _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](target, bias if has_bias else target, out, M, N, N,
-                                                        HAS_BIAS=has_bias, SPLIT_K=split_k, BLOCK=1024, num_warps=4)
+        sum_splits(target, bias, out, silu)
     return out.view(*x.shape[:-1], N)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`layers.linear.linear` on CUDA: the skinny kernel for up to SMALL_M_MAX rows of bf16/fp16, else cuBLAS."""
-    if x.numel() <= SMALL_M_MAX * x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype:
-        return linear_small_m(x, weight, bias)
-    return F.linear(x, weight, bias)
+def skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` / `fp8_linear` on CUDA give x to the skinny kernel: a decode batch in bf16/fp16."""
+    return x.numel() <= SMALL_M_MAX * x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and \
+        weight.dtype in (x.dtype, FP8_DTYPE)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str | None = None) -> torch.Tensor:
+    """`layers.linear.linear` on CUDA: the skinny kernel for up to SMALL_M_MAX rows of bf16/fp16 (with the
+    activation fused), else cuBLAS and the activation kernel."""
+    if skinny(x, weight):
+        return linear_small_m(x, weight, bias, activation=activation)
+    out = F.linear(x, weight, bias)
+    return out if activation is None else silu_and_mul(out)

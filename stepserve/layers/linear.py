@@ -1,8 +1,10 @@
 """Linear layers whose weights come from the checkpoint: created uninitialized, filled by the loader.
 
 `MergedLinear` stacks several checkpoint matrices along the output dim (q/k/v, gate/up) so one GEMM
-computes them all; `load_weight(..., shard=i)` copies the i-th of them into its rows. Block-fp8 variants
-live in `layers/quant.py` and load through the same `load_weight` interface.
+computes them all; `load_weight(..., shard=i)` copies the i-th of them into its rows. A layer built with
+`activation="silu_and_mul"` returns silu(gate) * up of its [gate | up] output (half its width): on CUDA a
+decode batch gets it from the GEMV's epilogue, without the 2I-wide intermediate. Block-fp8 variants live in
+`layers/quant.py` and load through the same `load_weight` interface.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepserve.errors import ModelLoadError
+from stepserve.layers.activation import activate, check_gated
 from stepserve.layers.dispatch import dispatched
 
 
 @dispatched
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias; on CUDA, decode-sized x (a few rows) goes to a bandwidth-bound skinny kernel."""
-    return F.linear(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str | None = None) -> torch.Tensor:
+    """x @ weight.T + bias, then `activation` (layers.activation.GATED; None: none); on CUDA, decode-sized x
+    (a few rows) goes to a bandwidth-bound skinny kernel with the activation in its epilogue."""
+    return activate(F.linear(x, weight, bias), activation)
 
 
 def copy_weight(dst: torch.Tensor, src: torch.Tensor, source: str) -> None:
@@ -44,15 +49,17 @@ def shard_rows(param: torch.Tensor, output_sizes: list[int], shard: int | None,
 
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, activation: str | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.output_sizes = [out_features]
+        check_gated(activation, self.output_sizes)
+        self.activation = activation
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.activation)
 
     def load_weight(self, param_name: str, tensor: torch.Tensor, source: str, shard: int | None = None) -> None:
         """Copy checkpoint tensor `source` into `self.<param_name>` (or its rows of shard `shard`)."""
@@ -60,6 +67,7 @@ class Linear(nn.Module):
 
 
 class MergedLinear(Linear):
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
-        super().__init__(in_features, sum(output_sizes), bias)
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, activation: str | None = None):
+        check_gated(activation, output_sizes)
+        super().__init__(in_features, sum(output_sizes), bias, activation)
         self.output_sizes = list(output_sizes)

@@ -2,8 +2,10 @@
 
 A weight [out, in] is stored as float8_e4m3fn with one float32 `weight_scale_inv` per 128 x 128 block,
 shape [ceil(out / 128), ceil(in / 128)]; the real weight is stored * scale_inv (the last block row / column
-may be ragged). Activations are not stored: on CUDA the Triton GEMM (`kernels/fp8_gemm.py`) quantizes
-them per token per 128 columns on the fly; elsewhere `fp8_linear` dequantizes the weight and calls F.linear.
+may be ragged). Activations are not stored. On CUDA (`kernels/fp8_gemm.py`) decode batches keep x in bf16
+and dequantize W inside the skinny GEMV; larger batches quantize x per token per 128 columns for cuBLAS's
+block-scaled fp8 GEMM (or dequantize W to bf16 where torch lacks it). Elsewhere `fp8_linear` dequantizes the
+weight and calls F.linear.
 
 Which modules are fp8 is `Fp8Config.is_fp8`: for a checkpoint, exactly those whose weights it stores in fp8
 (and not named in its ignore lists); for `--quantization fp8` on a bf16 checkpoint (quantized at load) and
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepserve.errors import ModelLoadError
+from stepserve.layers.activation import activate, check_gated
 from stepserve.layers.dispatch import dispatched
 from stepserve.layers.linear import Linear, MergedLinear, copy_weight, shard_rows
 
@@ -71,9 +74,10 @@ def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor, dtyp
 
 @dispatched
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] @ dequantized weight.T (+ bias) -> [..., out] in x's dtype (reference: weight-only dequant)."""
-    return F.linear(x, dequantize_fp8_blockwise(weight, weight_scale_inv, x.dtype), bias)
+               bias: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
+    """x [..., in] @ dequantized weight.T (+ bias), then `activation` (see layers.linear.linear) -> [..., out]
+    in x's dtype (reference: weight-only dequant)."""
+    return activate(F.linear(x, dequantize_fp8_blockwise(weight, weight_scale_inv, x.dtype), bias), activation)
 
 
 class Fp8Linear(nn.Module):
@@ -81,12 +85,15 @@ class Fp8Linear(nn.Module):
     (each but the last a multiple of 128 rows, so every scale row belongs to one of them).
 
     quantize_on_load: the checkpoint holds the weight in a wider dtype, quantized as it is loaded (its
-    scales are computed, not read)."""
+    scales are computed, not read). activation: as for layers.linear.Linear."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, quantize_on_load: bool = False):
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, quantize_on_load: bool = False,
+                 activation: str | None = None):
         super().__init__()
         if any(size % BLOCK for size in output_sizes[:-1]):
             raise ModelLoadError(f"fp8 merged linear: shard sizes {output_sizes} are not multiples of {BLOCK}")
+        check_gated(activation, output_sizes)
+        self.activation = activation
         out_features = sum(output_sizes)
         self.in_features, self.out_features, self.output_sizes = in_features, out_features, list(output_sizes)
         self.quantize_on_load = quantize_on_load
@@ -102,7 +109,7 @@ class Fp8Linear(nn.Module):
         return ("weight_scale_inv",) if self.quantize_on_load else ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias)
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, self.activation)
 
     def _rows(self, param_name: str, shard: int | None) -> torch.Tensor:
         per_entry = BLOCK if param_name == "weight_scale_inv" else 1
@@ -127,7 +134,8 @@ class Fp8Linear(nn.Module):
         self.weight_scale_inv.data.copy_(scale)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, output_sizes={self.output_sizes}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, output_sizes={self.output_sizes}, bias={self.bias is not None}, "
+                f"activation={self.activation}")
 
 
 @dataclass(frozen=True)
@@ -174,16 +182,19 @@ class Fp8Config:
 
 
 def make_linear(quant: Fp8Config | None, prefix: str, in_features: int, output_sizes: int | list[int],
-                bias: bool = False) -> nn.Module:
+                bias: bool = False, activation: str | None = None) -> nn.Module:
     """The linear layer for checkpoint module `prefix` (output_sizes: an int, or a list for a merged layer):
-    Fp8Linear when `quant` says it is fp8, else Linear / MergedLinear."""
+    Fp8Linear when `quant` says it is fp8, else Linear / MergedLinear. activation: see layers.linear.Linear
+    (e.g. "silu_and_mul" on a [gate, up] merge: the layer returns silu(gate) * up)."""
     sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
     if quant is not None and quant.is_fp8(prefix):
         aligned = all(size % BLOCK == 0 for size in sizes[:-1])
         if aligned or not quant.quantize_on_load:  # a checkpoint's misaligned merge fails loudly in Fp8Linear
-            return Fp8Linear(in_features, sizes, bias, quant.quantize_on_load)
+            return Fp8Linear(in_features, sizes, bias, quant.quantize_on_load, activation)
         log.warning("%s kept unquantized: its merged sizes %s are not multiples of %d", prefix, sizes, BLOCK)
-    return Linear(in_features, sizes[0], bias) if len(sizes) == 1 else MergedLinear(in_features, sizes, bias)
+    if len(sizes) == 1:
+        return Linear(in_features, sizes[0], bias, activation)
+    return MergedLinear(in_features, sizes, bias, activation)
 
 
 def hf_quantization_config(hf_config: dict) -> dict | None:
