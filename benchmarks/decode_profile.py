@@ -1,6 +1,6 @@
 """Where a decode step's time goes, at real size with dummy weights: GPU graph replay vs the engine's host work.
 
-    python benchmarks/decode_profile.py [--batch 1,64] [--prompt 1412]
+    python benchmarks/decode_profile.py [--batch 1,64] [--prompt 1412] [--kernels] [--quantization fp8]
 
 For each batch size: the CUDA-graph replay alone (events, median), then engine.step() wall time split into
 schedule / model runner (incl. the sampled ids' device->host copy) / token bookkeeping + detokenization.
@@ -35,6 +35,34 @@ def replay_ms(engine: Engine, bs: int) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def kernel_table(engine: Engine, bs: int, replays: int = 10, top: int = 25) -> list[dict]:
+    """GPU time per kernel name in one graph replay (torch.profiler over `replays` replays): where the step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = engine.runner.graphs
+    g = graphs.graphs[next(s for s in graphs.sizes if s >= bs)]
+    g.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            g.replay()
+        torch.cuda.synchronize()
+    agg: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            a = agg.setdefault(ev.name, [0.0, 0])
+            a[0] += ev.device_time_total
+            a[1] += 1
+    rows = sorted(({"kernel": k[:90], "us_per_step": v[0] / replays, "calls_per_step": v[1] / replays}
+                   for k, v in agg.items()), key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    print(f"batch {bs}: kernels sum to {total:.1f} us per replay over {sum(r['calls_per_step'] for r in rows):.0f} "
+          "launches")
+    for r in rows[:top]:
+        print(f"  {r['us_per_step']:9.1f} us  {r['calls_per_step']:6.1f} x  {r['kernel']}")
+    return rows
 
 
 def profile_steps(engine: Engine, bs: int, prompt_len: int, steps: int = 64, cprofile: bool = False) -> dict:
@@ -83,16 +111,20 @@ def main() -> None:
     ap.add_argument("--cprofile", action="store_true", help="print the host functions' own time (largest batch)")
     ap.add_argument("--compare-linear", action="store_true",
                     help="also time the graph replays with cuBLAS for the decode linears instead of the skinny kernel")
+    ap.add_argument("--kernels", action="store_true", help="per-kernel GPU time of one graph replay (torch.profiler)")
+    ap.add_argument("--quantization", default=None, help="fp8: block-fp8 decoder linears")
     args = ap.parse_args()
     engine = Engine(EngineConfig(model=str(real_dummy_checkpoint("/tmp/step3-vl-10b-dummy")), load_format="dummy",
-                                 context_length=32768))
+                                 context_length=32768, quantization=args.quantization))
     rows = []
     sizes = [int(b) for b in args.batch.split(",")]
     for bs in sizes:
         steps = profile_steps(engine, bs, args.prompt, cprofile=args.cprofile and bs == sizes[-1])
         row = {"batch": bs, "graph_replay_ms": replay_ms(engine, bs), **steps}
-        rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+        if args.kernels:
+            row["kernels"] = kernel_table(engine, bs)
+        rows.append(row)
     if args.compare_linear:
         from stepserve.layers.dispatch import register_kernel
 
