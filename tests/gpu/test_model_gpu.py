@@ -120,7 +120,8 @@ def test_real_size_bf16_matches_fp32(tmp_path, report):
 
 def test_pixel_inputs_on_gpu_match_cpu(report):
     """The uint8 -> normalized, resized path on CUDA against the CPU one (which is bit-identical to the reference
-    processor): normalization is exact on both; only the antialiased resize kernels may round differently."""
+    processor). CUDA divides by a scalar as a multiplication by its reciprocal, so even unresized crops may
+    differ from the CPU's correctly rounded division in the last bit; the resize kernels round differently too."""
     sizes = [(1280, 720), (728, 400), (640, 480), (1280, 720), (4000, 3000)]  # 504 and 400 crops, none, clamped
     proc = ImageProcessor(ImageTokenIds(151679, 151680, 151681, 151689, 151690, 151691))
     rng = np.random.default_rng(0)
@@ -139,15 +140,15 @@ def test_pixel_inputs_on_gpu_match_cpu(report):
         return 0.0 if ref is None else float((got.float().cpu() - ref).abs().max())
 
     errs = {"views": max(max_err(g[0], w[0]) for g, w in zip(alone, want)),
-            "crops_504_exact": all(torch.equal(g[1].cpu(), w[1]) for g, w, im in zip(alone, want, images)
-                                   if im.num_crops and im.crops.shape[1] == 504),
+            "crops_504": max(max_err(g[1], w[1]) for g, w, im in zip(alone, want, images)
+                             if im.num_crops and im.crops.shape[1] == 504),
             "crops_400_resized": max_err(alone[1][1], want[1][1]),
             "batched_views": max_err(views, torch.cat([w[0] for w in want])),
             "batched_crops": max_err(crops, torch.cat([w[1] for w in want if w[1] is not None])),
             "bf16_views": max_err(half_views, torch.cat([w[0] for w in want])),
             "bf16_crops": max_err(half_crops, torch.cat([w[1] for w in want if w[1] is not None]))}
     report("pixel_inputs_gpu", errs)
-    assert errs["crops_504_exact"]
+    assert errs["crops_504"] < 1e-6, errs  # one rounding of values |x| < 2.2
     assert max(errs["views"], errs["crops_400_resized"], errs["batched_views"], errs["batched_crops"]) < 1e-4, errs
     assert max(errs["bf16_views"], errs["bf16_crops"]) < 0.02, errs  # bf16 keeps 8 bits: |x| < 2.2 -> 2^-7
     assert views.dtype == torch.float32 and half_views.dtype == torch.bfloat16 and views.is_cuda
