@@ -51,6 +51,8 @@ class ServerArgs(EngineConfig):
     max_image_bytes: int = field(default=20 * 1024 * 1024, metadata={"help": "largest image download / data: URL"})
     max_image_pixels: int = field(default=64 * 1024 * 1024, metadata={"help": "largest decoded image (W*H)"})
     image_fetch_timeout: float = field(default=10.0, metadata={"help": "seconds to fetch one image URL"})
+    image_workers: int = field(default=-1, metadata={"help": "processes that decode and preprocess images "
+                                                             "(0: threads; -1: up to 4 with a GPU, 0 without)"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
 
     def engine_config(self) -> EngineConfig:

@@ -12,6 +12,10 @@ class StepserveError(Exception):
         self.message = message
         self.param = param
 
+    def __reduce__(self):
+        # Keeps `param` when the error crosses a process boundary (image workers).
+        return type(self), (self.message, self.param)
+
     def to_dict(self) -> dict:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
                           "code": self.status_code}}

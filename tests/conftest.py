@@ -17,10 +17,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_server(tmp_path_factory):
-    """The real `stepserve serve` (tiny model, CPU) with the seed's parsers, serving the seed's model name."""
+    """The real `stepserve serve` (tiny model, CPU) with the seed's parsers, serving the seed's model name;
+    images go through worker processes, as they do by default on a GPU host."""
     from real_server import SEED_MODEL, RealServer
 
     server = RealServer(["--served-model-name", SEED_MODEL, "--reasoning-parser", "deepseek-r1",
-                         "--tool-call-parser", "hermes"], tmp_path_factory.mktemp("server") / "serve.log")
+                         "--tool-call-parser", "hermes", "--image-workers", "2"], tmp_path_factory.mktemp("server") / "serve.log")
     yield server
     server.stop()

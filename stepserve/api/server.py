@@ -58,11 +58,13 @@ def build_app(args: ServerArgs, engine) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
+        await asyncio.to_thread(serving.images.start)
         try:
             yield
         finally:
             await engine.shutdown()
             serving.pool.shutdown(wait=False, cancel_futures=True)
+            serving.images.shutdown()
 
     app = FastAPI(title="stepserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving = serving

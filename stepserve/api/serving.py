@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -63,6 +64,12 @@ class Serving:
     def __init__(self, args: ServerArgs, engine, metrics: Metrics):
         self.args, self.engine, self.metrics = args, engine, metrics
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stepserve-prep")
+        from stepserve.multimodal.prep_pool import ImageLimits, ImagePrepPool, default_workers
+
+        workers = args.image_workers if args.image_workers >= 0 else default_workers(torch.cuda.is_available())
+        limits = ImageLimits(args.max_image_bytes, args.max_image_pixels, args.image_fetch_timeout,
+                             args.allowed_local_media_path)
+        self.images = ImagePrepPool(engine.image_processor, limits, workers)
         self.reasoning = get_reasoning_parser(args.reasoning_parser) if args.reasoning_parser else None
         if args.tool_call_parser:
             get_tool_parser(args.tool_call_parser, None)  # unknown names fail at startup
@@ -98,18 +105,12 @@ class Serving:
         return expand_prompt(ids, images, self.engine.image_token_id), images
 
     async def _prepare_images(self, sources: list, params: list[str]) -> list:
-        """Fetch, decode and preprocess each image (ImageInput); each image goes through on its own, so one
-        image's preprocessing overlaps another's decoding."""
-        from stepserve.multimodal.image_io import load_image_async
-
-        a = self.args
+        """Fetch, decode and preprocess each image (ImageInput); each image goes through on its own, in
+        parallel with the others."""
 
         async def prepare(source, param: str):
             try:
-                image = await load_image_async(source, max_bytes=a.max_image_bytes, max_pixels=a.max_image_pixels,
-                                               timeout=a.image_fetch_timeout,
-                                               allowed_local_path=a.allowed_local_media_path, param=param)
-                return await self._in_pool(self.engine.image_processor, image)
+                return await self.images.prepare(source, param)
             except StepserveError as e:
                 e.message = f"{param}: {e.message}"  # which of the request's images failed
                 raise

@@ -35,7 +35,7 @@ def load_image(source: ImageSource, *, max_bytes: int = DEFAULT_MAX_BYTES, max_p
     `allowed_local_path`: local files (plain paths, `Path`, file:// URLs) are read only if they resolve inside
     this directory; None refuses all local files (the server default), "/" allows any (the offline API).
     """
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
+    if isinstance(source, str) and is_http_url(source):
         data = _fetch_sync(source, max_bytes, timeout, param)
         return _decode(data, max_pixels, param)
     return _load_not_http(source, max_bytes, max_pixels, allowed_local_path, param)
@@ -45,13 +45,22 @@ async def load_image_async(source: ImageSource, *, max_bytes: int = DEFAULT_MAX_
                            max_pixels: int = DEFAULT_MAX_PIXELS, timeout: float = 10.0,
                            allowed_local_path: str | None = None, param: str | None = None) -> Image.Image:
     """`load_image` for the event loop: http(s) is fetched without blocking, decoding runs in a thread."""
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
-        try:
-            data = await asyncio.wait_for(_fetch_async(source, max_bytes, timeout, param), timeout)
-        except asyncio.TimeoutError:
-            raise _timeout_error(source, timeout, param) from None
+    if isinstance(source, str) and is_http_url(source):
+        data = await fetch_image_bytes(source, max_bytes, timeout, param)
         return await asyncio.to_thread(_decode, data, max_pixels, param)
     return await asyncio.to_thread(_load_not_http, source, max_bytes, max_pixels, allowed_local_path, param)
+
+
+def is_http_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+async def fetch_image_bytes(url: str, max_bytes: int, timeout: float, param: str | None) -> bytes:
+    """The body of an http(s) image URL without blocking the event loop; over `timeout` s is a 400."""
+    try:
+        return await asyncio.wait_for(_fetch_async(url, max_bytes, timeout, param), timeout)
+    except asyncio.TimeoutError:
+        raise _timeout_error(url, timeout, param) from None
 
 
 def _load_not_http(source: ImageSource, max_bytes: int, max_pixels: int, allowed_local_path: str | None,

@@ -1,0 +1,93 @@
+"""Image decoding and preprocessing in worker processes, off the server process's GIL.
+
+base64 and PIL's PNG decoder hold the GIL: in threads, two images of one request decode one after the other
+(~40 ms each for a 1280x720 PNG on the lent GPU host), and while they do, the engine thread cannot launch the
+next GPU step. Worker processes decode in parallel and leave the server process free; only the finished uint8
+pixels (~7 MB for 1280x720) come back, as numpy arrays pickled by value. http(s) images are still fetched
+by the event loop; the workers get their bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import multiprocessing
+import os
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from stepserve.multimodal.image_io import ImageSource, fetch_image_bytes, is_http_url, load_image
+from stepserve.multimodal.processor import ImageInput, ImageProcessor, ImageTokenIds
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int
+    max_pixels: int
+    fetch_timeout: float
+    allowed_local_path: str | None
+
+
+def default_workers(has_gpu: bool) -> int:
+    """Processes for image preparation when the user does not say: none on a CPU-only host (the model's own
+    work needs the cores), else enough for a few images in parallel while leaving cores to the server."""
+    return min(4, (os.cpu_count() or 1) // 2) if has_gpu else 0
+
+
+_PROCESSOR: ImageProcessor | None = None
+
+
+def _init_worker(token_ids: ImageTokenIds) -> None:
+    global _PROCESSOR
+    torch.set_num_threads(1)  # one image per process; several processes already use the cores
+    _PROCESSOR = ImageProcessor(token_ids)
+
+
+def _load_and_process(processor: ImageProcessor, source: ImageSource, limits: ImageLimits,
+                      param: str | None) -> ImageInput:
+    image = load_image(source, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
+                       allowed_local_path=limits.allowed_local_path, param=param)
+    return processor(image)
+
+
+def _prepare_in_worker(source: ImageSource, limits: ImageLimits, param: str | None) -> ImageInput:
+    out = _load_and_process(_PROCESSOR, source, limits, param)
+    # numpy pickles by value; torch tensors would travel through shared-memory file descriptors instead.
+    return dataclasses.replace(out, view=out.view.numpy(), crops=out.crops.numpy())
+
+
+class ImagePrepPool:
+    """`prepare(source, param)` -> ImageInput, in `workers` processes (0: a thread pool in this process)."""
+
+    def __init__(self, processor: ImageProcessor, limits: ImageLimits, workers: int):
+        self.processor, self.limits, self.workers = processor, limits, workers
+        self._executor: Executor
+        if workers > 0:
+            # spawn, not fork: the server process holds CUDA state and threads that a fork would copy half-made.
+            self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_init_worker, initargs=(processor.ids,))
+        else:
+            self._executor = ThreadPoolExecutor(4, thread_name_prefix="stepserve-image")
+
+    def start(self) -> None:
+        """Start every worker now (each imports torch: seconds), not on the first request."""
+        if self.workers > 0:
+            for f in [self._executor.submit(os.getpid) for _ in range(self.workers)]:
+                f.result()
+
+    async def prepare(self, source: ImageSource, param: str | None) -> ImageInput:
+        lim = self.limits
+        if isinstance(source, str) and is_http_url(source):
+            source = await fetch_image_bytes(source, lim.max_bytes, lim.fetch_timeout, param)
+        loop = asyncio.get_running_loop()
+        if self.workers == 0:
+            return await loop.run_in_executor(self._executor, _load_and_process, self.processor, source, lim, param)
+        out = await loop.run_in_executor(self._executor, _prepare_in_worker, source, lim, param)
+        return dataclasses.replace(out, view=torch.from_numpy(out.view), crops=torch.from_numpy(out.crops))
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+

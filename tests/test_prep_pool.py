@@ -1,0 +1,69 @@
+"""Image preparation in worker processes gives what the in-process path gives, errors included."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stepserve.errors import InvalidRequestError, PayloadTooLargeError
+from stepserve.multimodal.prep_pool import ImageLimits, ImagePrepPool
+from stepserve.multimodal.processor import ImageProcessor, ImageTokenIds
+
+IDS = ImageTokenIds(151679, 151680, 151681, 151689, 151690, 151691)
+LIMITS = ImageLimits(max_bytes=8 * 2**20, max_pixels=2**24, fetch_timeout=5.0, allowed_local_path=None)
+
+
+def data_url(w: int, h: int, seed: int) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_errors_keep_their_param_across_processes():
+    e = pickle.loads(pickle.dumps(InvalidRequestError("bad image", param="messages[0].content[1]")))
+    assert type(e) is InvalidRequestError and e.message == "bad image" and e.param == "messages[0].content[1]"
+
+
+@pytest.fixture(scope="module")
+def pools():
+    proc = ImageProcessor(IDS)
+    procs, threads = ImagePrepPool(proc, LIMITS, workers=2), ImagePrepPool(proc, LIMITS, workers=0)
+    procs.start()
+    yield procs, threads
+    procs.shutdown()
+    threads.shutdown()
+
+
+def test_worker_processes_match_threads(pools):
+    procs, threads = pools
+    urls = [data_url(1280, 720, 0), data_url(300, 200, 1), data_url(900, 100, 2)]
+
+    async def both():
+        a = await asyncio.gather(*(procs.prepare(u, f"img{i}") for i, u in enumerate(urls)))
+        b = await asyncio.gather(*(threads.prepare(u, f"img{i}") for i, u in enumerate(urls)))
+        return a, b
+
+    got, want = asyncio.run(both())
+    assert got[0].num_crops == 6  # 1280x720: view + 6 crops
+    for g, w in zip(got, want):
+        assert isinstance(g.view, torch.Tensor) and isinstance(g.crops, torch.Tensor)
+        assert torch.equal(g.view, w.view) and torch.equal(g.crops, w.crops)
+        assert (g.hash, g.size, g.token_ids, g.num_crops, g.newline_mask) == (w.hash, w.size, w.token_ids,
+                                                                               w.num_crops, w.newline_mask)
+
+
+@pytest.mark.parametrize("url, error", [("data:image/png;base64,@@@", InvalidRequestError),
+                                        ("data:image/png;base64," + "A" * (12 * 2**20), PayloadTooLargeError)])
+def test_worker_errors_reach_the_caller(pools, url, error):
+    procs, _ = pools
+    with pytest.raises(error) as info:
+        asyncio.run(procs.prepare(url, "messages[0].content[0]"))
+    assert info.value.param == "messages[0].content[0]"
