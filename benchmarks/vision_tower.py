@@ -1,7 +1,7 @@
 """Vision tower + projector throughput for 1280x720 inputs (one 728 view + six 504 crops each) vs its FLOP floor.
 
     python3 benchmarks/vision_tower.py [--compile] [--profile]   # the model's default options, 1 / 2 / 8 images
-    python3 benchmarks/vision_tower.py --sweep [--budget 200]     # every variant below in one process
+    python3 benchmarks/vision_tower.py --sweep [--budget 210]     # every variant below in one process
 
 Linear FLOPs per image: patches x layers x 2 x (4 w^2 + 2 w mlp); attention adds 4 x L^2 x w per view and
 layer. Floor = FLOPs / 782 TFLOP/s (the measured bf16 GEMM ceiling). Timed with CUDA events after warm-up,
@@ -10,8 +10,11 @@ median of 7.
 The sweep starts from the options the server ran before this benchmark grew variants (`BEFORE`), then tries
 each change of `STEPS` on top of the best so far and keeps it when the two-image encode gets faster and its
 output still matches the reference: the same model in eager mode with the plain math attention (relative
-error under `MAX_REL_ERR`; bf16 kernels land near 1e-2 from each other). It prints one row per variant, the
-kernel-time profile of the winner, and the `VisionOptions` that make the winner the default.
+error under `MAX_REL_ERR`; bf16 kernels land near 1e-2 from each other). A variant that would start past
+the time budget is skipped, one that fails is reported. It prints one row per variant, the kernel-time
+profile of the winner, and the `VisionOptions` that make the winner the default. Compile times after the
+first compiled row reuse the Triton kernels and FX graphs cached by the ones before (a server that starts
+on a fresh machine pays the first row's).
 """
 
 from __future__ import annotations
@@ -35,17 +38,19 @@ PEAK = 782e12
 MAX_REL_ERR = 0.05
 BEFORE = VisionOptions(attention="auto", packed=False, rope_dtype=torch.float32, patch_embed="conv",
                        channels_last=False)
-# (label, change to the best options so far, seconds it needs at least: compile included)
+# (label, change to the best options so far, seconds it needs at least (compile included), whether a faster
+# result becomes the new best). max-autotune is measured on the best options at its turn but not carried on:
+# its compile time is a separate decision, and later variants would each pay it again.
 STEPS = [
-    ("attention cudnn", {"attention": "cudnn"}, 20),
-    ("attention flash", {"attention": "flash"}, 20),
-    ("attention efficient", {"attention": "efficient"}, 20),
-    ("rope bf16", {"rope_dtype": torch.bfloat16}, 20),
-    ("patch embed gemm", {"patch_embed": "gemm"}, 15),
-    ("downsamplers channels_last", {"channels_last": True}, 15),
-    ("packed views + crops", {"packed": True}, 20),
-    ("packed + varlen attention", {"packed": True, "attention": "varlen"}, 20),
-    ("max-autotune", {"compile_mode": "max-autotune-no-cudagraphs"}, 100),
+    ("attention cudnn", {"attention": "cudnn"}, 20, True),
+    ("attention flash", {"attention": "flash"}, 20, True),
+    ("attention efficient", {"attention": "efficient"}, 20, True),
+    ("max-autotune", {"compile_mode": "max-autotune-no-cudagraphs"}, 100, False),
+    ("rope bf16", {"rope_dtype": torch.bfloat16}, 20, True),
+    ("patch embed gemm", {"patch_embed": "gemm"}, 15, True),
+    ("downsamplers channels_last", {"channels_last": True}, 15, True),
+    ("packed views + crops", {"packed": True}, 20, True),
+    ("packed + varlen attention", {"packed": True, "attention": "varlen"}, 20, True),
 ]
 
 
@@ -189,46 +194,55 @@ def sweep(budget_s: float) -> None:
     best_options, best = BEFORE, record("compiled, before", BEFORE, True, 30)
     if best is None:
         best_options, best = DEFAULT_OPTIONS, record("compiled, defaults", DEFAULT_OPTIONS, True, 30)
-    for label, change, need_s in STEPS:
+    for label, change, need_s, carry in STEPS:
         if best is None:
             break
         options = dataclasses.replace(best_options, **change)
         if options == best_options:
             continue
         row = record(label, options, True, need_s)
-        if row is not None and row["ms_2"] < best["ms_2"]:
+        if carry and row is not None and row["ms_2"] < best["ms_2"]:
             best_options, best = options, row
     if DEFAULT_OPTIONS != best_options:
         record("compiled, defaults", DEFAULT_OPTIONS, True, 15)
-    print_table(rows, floor_ms)
     profile = None
     if best is not None:
         torch._dynamo.reset()
         model.vision_model.configure(best_options)
         model.vision_model.compile_blocks()
         encode(model, inputs[2])
-        title = f"profile of the best, 2 images ({delta(best_options)})"
-        profile = kernel_profile(lambda: encode(model, inputs[2]), title)
-        print(f"\nwinner: {best['ms_2']:.1f} ms for 2 images; default it with\n"
-              f"  DEFAULT_OPTIONS = {best_options!r}")
-    print(f"sweep took {time.perf_counter() - t0:.0f} s")
+        try:  # the table below matters more than the profile
+            profile = kernel_profile(lambda: encode(model, inputs[2]),
+                                     f"profile of the best, 2 images ({delta(best_options)})")
+        except Exception as e:
+            print(f"profile failed: {type(e).__name__}: {e}")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "vision_sweep.json"), "w") as f:
             json.dump({"rows": rows, "profile": profile, "floor_ms_per_image": floor_ms,
                        "best": repr(best_options)}, f, indent=1)
+    print_table(rows, floor_ms)
+    if best is not None:
+        print(f"\nwinner: {best['ms_2']:.1f} ms for 2 images; default it with\n"
+              f"  DEFAULT_OPTIONS = {best_options!r}")
+    for row in rows:
+        if row["variant"] == "max-autotune" and "ms_2" in row:
+            print(f"max-autotune (on {row['options']}): {row['ms_2']:.1f} ms for 2 images after a "
+                  f"{row['compile_s']:.0f} s compile")
+    print(f"sweep took {time.perf_counter() - t0:.0f} s")
 
 
 def print_table(rows: list[dict], floor_ms: float) -> None:
     print(f"\nvision tower + projector, 1280x720 images; floor {floor_ms:.1f} ms/image at 782 TFLOP/s; "
           "diff vs eager bf16 with math attention")
     print(f"{'variant':<28} {'1 img ms':>8} {'2 img ms':>8} {'TFLOP/s':>7} {'% floor':>7} {'compile s':>9} "
-          f"{'graphs':>6} {'max|diff|':>9} {'rel err':>8}  options")
+          f"{'graphs/breaks':>13} {'max|diff|':>9} {'rel err':>8}  options")
     for r in rows:
         if "ms_2" not in r:
             print(f"{r['variant']:<28} {r.get('skipped') or r.get('error')}")
             continue
         print(f"{r['variant']:<28} {r['ms_1']:8.1f} {r['ms_2']:8.1f} {r['tflops_2']:7.0f} {r['pct_floor_2']:7.1f} "
-              f"{r['compile_s']:9.1f} {r['graphs']:>6} {r['max_abs_diff']:9.4f} {r['rel_err']:8.4f}  {r['options']}")
+              f"{r['compile_s']:9.1f} {r['graphs']:>6}/{r['graph_breaks']:<6} {r['max_abs_diff']:9.4f} "
+              f"{r['rel_err']:8.4f}  {r['options']}")
 
 
 def main() -> None:
@@ -236,7 +250,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the blocks, as the server does")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time every variant (see the module docstring)")
-    ap.add_argument("--budget", type=float, default=200, help="sweep: skip variants that would end past this (s)")
+    ap.add_argument("--budget", type=float, default=210, help="sweep: skip variants that would end past this (s)")
     args = ap.parse_args()
     if args.sweep:
         sweep(args.budget)
