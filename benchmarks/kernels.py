@@ -3,17 +3,20 @@ contexts of ~1.5k-2.5k) against their floors and the torch paths they replace.
 
     python benchmarks/kernels.py            # table on stdout; JSON in $OUT/kernels.json when OUT is set
     python benchmarks/kernels.py --quick    # no block-size sweeps
-    python benchmarks/kernels.py --fusions  # only the decode-step fusions, old and new side by side
+    python benchmarks/kernels.py --fusions  # only the fused norm + rope + KV store vs the kernels it replaces
+    python benchmarks/kernels.py --pdl-chain  # only the batch-1 decode chain with PDL off vs on
 
 Floors use the measured ceilings of docs/performance (3.0 TB/s copy, 782 TFLOP/s bf16): bytes are each
 input read once and each output written once. "cold" times are triton.testing.do_bench medians (L2 flushed
 before each call); "graph" times replay a CUDA graph of many calls over rotating input sets (> 4 x L2), as a
-decode step's graph runs them. Every variant is checked against the default before it is timed.
+decode step's graph runs them. Every variant is checked against the default before it is timed. Kernels launch
+with PDL where the device has it (stepserve.kernels.pdl), as the server runs them; STEPSERVE_PDL=0 turns it off.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -43,7 +46,14 @@ def cold_us(fn) -> float:
 
 
 def graph_us(fns) -> float:
-    """Median per-call time of a CUDA graph that calls `fns` round robin (distinct inputs defeat the L2)."""
+    """Median per-call time of a CUDA graph that calls `fns` round robin (distinct inputs defeat the L2).
+
+    Every fn runs once first, so that all the kernel specializations its inputs need are compiled: one compiled
+    inside do_bench_cudagraph's eager timing estimate makes the estimate seconds long, the graph then holds a
+    single call, and its replay times the graph launch (~20 us) rather than the kernels.
+    """
+    for fn in fns:
+        fn()
     cycle = itertools.cycle(fns)
     return triton.testing.do_bench_cudagraph(lambda: next(cycle)(), rep=100, return_mode="median") * 1e3
 
@@ -186,27 +196,6 @@ def side_by_side(results, kernel, shape, old_name, old_us, new_name, new_us):
           f"saved {saved:6.2f} us/layer = {saved * LAYERS:6.1f} us/step", flush=True)
 
 
-def bench_decode_one_launch(results):
-    """Split-KV decode with the separate reduce kernel (old) vs the combine in the last split (new), as graph
-    replays, with the splits of a graph captured for a 32k context (what the runner replays) and of the length."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for batch, kv_len in ((1, 1536), (8, 1536), (64, 2048)):
-        for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
-            elt = torch.empty((), dtype=kv_dtype).element_size()
-            q, kv_cache, ctxs = paged_sets([1] * batch, [kv_len] * batch, 16,
-                                           n_sets(attn_bytes(batch, batch * kv_len, elt)), kv_dtype)
-            ref = paged_attention_reference(q.float(), kv_cache, ctxs[0], SCALE)
-            for splits in sorted({default_num_splits(batch, HKV, n, sms) for n in (32768, kv_len)}, reverse=True):
-                us = {}
-                for separate in (True, False):
-                    def fn(c, separate=separate):
-                        return decode_attention(q, kv_cache, c, SCALE, num_splits=splits, separate_reduce=separate)
-                    assert rel_err(fn(ctxs[0]), ref) < 1e-2, rel_err(fn(ctxs[0]), ref)
-                    us[separate] = graph_us([lambda c=c: fn(c) for c in ctxs])
-                name = f"b{batch} kv{kv_len} {'fp8' if elt == 1 else 'bf16'} splits {splits}"
-                side_by_side(results, "decode", name, "split+reduce", us[True], "one launch", us[False])
-
-
 def bench_rope_store(results):
     """qk_norm_rope then store_kv (a Triton kernel and two index_copy_, plus the fp8 conversion ops) vs the
     fused kernel, as graph replays."""
@@ -217,7 +206,9 @@ def bench_rope_store(results):
             sets = n_sets(T * (HQ + 2 * HKV) * D * 2 * 2)
             pages = triton.cdiv(T * sets, 16)
             cache = torch.zeros(2, pages, 16, HKV, D, device=DEV).to(kv_dtype)
-            slots = torch.randperm(pages * 16, device=DEV)[: T * sets].view(sets, T)
+            # One tensor per set, 16-byte aligned as the runner's slot mapping is: rows of one [sets, T] int64
+            # tensor at T = 1 alternate 16- and 8-byte alignment, hence two specializations of the fused kernel.
+            slots = [s.clone() for s in torch.randperm(pages * 16, device=DEV)[: T * sets].view(sets, T)]
             pos = torch.randint(0, 4096, (T,), device=DEV)
             inputs = []
             for i in range(sets):
@@ -238,18 +229,82 @@ def bench_rope_store(results):
             side_by_side(results, "rope+store", name, "norm_rope+store_kv", t_old, "fused", t_new)
 
 
+@contextlib.contextmanager
+def pdl_setting(on: bool):
+    """Launch (and capture) the kernels with PDL on or off: stepserve.kernels.pdl reads STEPSERVE_PDL per launch."""
+    before = os.environ.get("STEPSERVE_PDL")
+    os.environ["STEPSERVE_PDL"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["STEPSERVE_PDL"]
+        else:
+            os.environ["STEPSERVE_PDL"] = before
+
+
+def decode_chain(layers: int, kv_len: int, splits: int, kv_dtype: torch.dtype = torch.bfloat16):
+    """A batch-1 decode step's small kernels without its GEMVs: `layers` x [add_rms_norm, norm + rope + KV store,
+    decode attention (split kernel + reduce when splits > 1)], each reading what the one before wrote (q is the
+    norm's output, k and v slices of the residual, the attention output the next layer's input), so the chain
+    is as dependent as the step's. Returns (run, caches): run(x, residual), both [1, HIDDEN], returns the last
+    (hidden, residual) and writes each layer's new K/V to the same slot of its cache."""
+    page = 16
+    pages = triton.cdiv(kv_len, page)
+    kv_scale = 1.0 if kv_dtype == torch.bfloat16 else 0.05
+    caches = [torch.randn(2, pages, page, HKV, D, device=DEV).to(kv_dtype) for _ in range(layers)]
+    ctx = build_context([1], [kv_len], [torch.randperm(pages).tolist()], page, device=DEV, kv_scale=kv_scale)
+    positions = torch.tensor([kv_len - 1], device=DEV)
+    cos_sin = rope_ref.rotary_cos_sin_cache(D, 40960, 1e6, device=DEV)
+    norm_w = torch.randn(layers, HIDDEN, device=DEV, dtype=torch.bfloat16)
+    qk_w = torch.randn(layers, 2, D, device=DEV, dtype=torch.bfloat16)
+
+    def run(x: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for layer in range(layers):
+            h, res = fused_add_rms_norm(x, res, norm_w[layer], 1e-6)
+            kv = res.view(1, HQ, D)
+            q = qk_norm_rope_store_kv(h.view(1, HQ, D), kv[:, :HKV], kv[:, HKV: 2 * HKV], qk_w[layer, 0],
+                                      qk_w[layer, 1], 1e-6, positions, cos_sin, caches[layer], ctx.slot_mapping,
+                                      kv_scale)
+            x = decode_attention(q, caches[layer], ctx, SCALE, num_splits=splits).view(1, HIDDEN)
+        return x, res
+
+    return run, caches
+
+
+def bench_pdl_chain(results):
+    """The decode chain over 36 layers at b1 x kv1536 as one graph, PDL off vs on, with the splits of a graph
+    captured for a 32k context (what the runner replays) and for the length itself."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for splits in (default_num_splits(1, HKV, 32768, sms), default_num_splits(1, HKV, 1536, sms)):
+        run, _ = decode_chain(LAYERS, 1536, splits)
+        x, res = (torch.randn(1, HIDDEN, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+        us, outs = {}, {}
+        for on in (False, True):
+            with pdl_setting(on):
+                outs[on] = [t.clone() for t in run(x, res)]
+                us[on] = graph_us([lambda: run(x, res)]) / LAYERS
+        assert all(torch.equal(a, b) for a, b in zip(outs[False], outs[True])), "PDL changed the result"
+        kernels = 3 + (splits > 1)
+        side_by_side(results, "pdl chain", f"b1 kv1536 splits {splits}, {kernels} kernels", "PDL off", us[False],
+                     "PDL on", us[True])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="skip the block-size sweeps")
-    parser.add_argument("--fusions", action="store_true", help="only the decode-step fusions, old vs new")
+    parser.add_argument("--fusions", action="store_true", help="only the fused rope + store vs the old kernels")
+    parser.add_argument("--pdl-chain", action="store_true", help="only the b1 decode kernel chain, PDL off vs on")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     results: list[dict] = []
-    print("CUDA-graph replay, per call (one layer):")
-    bench_decode_one_launch(results)
-    bench_rope_store(results)
-    if args.fusions:
+    print("CUDA-graph replay, per layer:")
+    if args.fusions or not args.pdl_chain:
+        bench_rope_store(results)
+    if args.pdl_chain or not args.fusions:
+        bench_pdl_chain(results)
+    if args.fusions or args.pdl_chain:
         write_json(results)
         return
     print(f"{'kernel':14s} {'shape':34s} {'floor us':>8s} {'cold us':>9s} {'graph us':>9s} {'floor%':>7s}  baseline us")

@@ -55,16 +55,14 @@ def _paged_case(q_lens, kv_lens, *, num_heads=4, num_kv_heads=2, head_dim=32, pa
     return q, kv_cache, ctx
 
 
-@pytest.mark.parametrize("separate_reduce", [False, True])
 @pytest.mark.parametrize("kv_dtype,kv_scale", [(torch.float16, 1.0), (torch.float8_e4m3fn, 0.37)])
 @pytest.mark.parametrize("num_splits", [1, 3, 20, None])
-def test_decode_attention(kern, kv_dtype, kv_scale, num_splits, separate_reduce):
-    # 20 splits of 16 keys: the combine walks its 16-split blocks twice for the 45-key sequence.
+def test_decode_attention(kern, kv_dtype, kv_scale, num_splits):
+    # 20 splits of 16 keys: most are empty for every sequence, and 20 is not a power of two.
     q, kv_cache, ctx = _paged_case([1, 1, 1], [1, 13, 45], num_heads=6, num_kv_heads=2,
                                    kv_dtype=kv_dtype, kv_scale=kv_scale)
     ref = paged_attention_reference(q.float(), kv_cache, ctx, 0.25)
-    out = kern.paged_attention.decode_attention(q, kv_cache, ctx, 0.25, num_splits=num_splits, block_n=16,
-                                                separate_reduce=separate_reduce)
+    out = kern.paged_attention.decode_attention(q, kv_cache, ctx, 0.25, num_splits=num_splits, block_n=16)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert _rel_err(out, ref) < 2e-3
 
@@ -73,31 +71,9 @@ def test_decode_padded_sequence_gives_zeros(kern):
     """A CUDA-graph batch padded with kv_len 0 sequences must stay finite (all splits empty)."""
     q, kv_cache, ctx = _paged_case([1, 1], [9, 1])
     ctx.kv_lens[1] = 0
-    for splits, separate in ((1, False), (4, False), (4, True)):
-        out = kern.paged_attention.decode_attention(q, kv_cache, ctx, 0.2, num_splits=splits, block_n=16,
-                                                    separate_reduce=separate)
+    for splits in (1, 4):
+        out = kern.paged_attention.decode_attention(q, kv_cache, ctx, 0.2, num_splits=splits, block_n=16)
         assert torch.equal(out[1], torch.zeros_like(out[1]))
-
-
-def test_decode_one_launch_replays(kern):
-    """Many launches over the same split counters, as graph replays are, with new lengths, pages and queries:
-    each launch leaves the counters at zero and matches the reference, bit for bit the same when repeated."""
-    pa = kern.paged_attention
-    batch, splits, max_pages, page_size = 3, 5, 6, 4
-    kv_cache = torch.randn(2, batch * max_pages, page_size, 2, 32).to(torch.float16)
-    for _ in range(6):
-        kv_lens = torch.randint(0, max_pages * page_size + 1, (batch,)).tolist()
-        tables = torch.randperm(batch * max_pages).view(batch, max_pages).tolist()
-        ctx = build_context([1] * batch, kv_lens, tables, page_size)
-        q = torch.randn(batch, 4, 32, dtype=torch.float16)
-        out = pa.decode_attention(q, kv_cache, ctx, 0.3, num_splits=splits, block_n=4)
-        assert not pa._split_counters(q.device, 1).any()
-        assert torch.equal(pa.decode_attention(q, kv_cache, ctx, 0.3, num_splits=splits, block_n=4), out)
-        live = [i for i, n in enumerate(kv_lens) if n > 0]
-        ctx_live = build_context([1] * len(live), [kv_lens[i] for i in live], [tables[i] for i in live], page_size)
-        ref = paged_attention_reference(q[live].float(), kv_cache, ctx_live, 0.3)
-        assert _rel_err(out[live], ref) < 2e-3
-        assert not out[[i for i in range(batch) if i not in live]].any()
 
 
 @pytest.mark.parametrize("kv_dtype,kv_scale", [(torch.float16, 1.0), (torch.float8_e4m3fn, 2.0)])
@@ -120,6 +96,13 @@ def test_paged_attention_dispatch_and_strided_q(kern):
         q = qkv[:, : q.shape[1] * q.shape[2]].view(q.shape)
         ref = paged_attention_reference(q.float(), kv_cache, ctx, 0.3)
         assert _rel_err(kern.paged_attention.paged_attention(q, kv_cache, ctx, 0.3), ref) < 2e-3
+
+
+def test_pdl_is_off_on_the_interpreter_and_the_cpu(kern):
+    from stepserve.kernels import pdl
+
+    assert not pdl.enabled(torch.device("cpu"))
+    assert not pdl.enabled(torch.device("cuda", 0))  # the interpreter, whatever the device
 
 
 def test_default_num_splits():

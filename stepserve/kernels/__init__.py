@@ -1,7 +1,8 @@
 """Triton kernels for the decoder hot path; each matches a plain-torch reference in `stepserve.layers`.
 
 Importing this package needs triton. `install_triton_kernels()` routes the layer functions' CUDA calls
-(and paged attention) to these kernels; CPU tensors keep taking the references.
+(and paged attention) to these kernels; CPU tensors keep taking the references. On sm_90+ the norm, rotary and
+attention kernels launch with programmatic dependent launch (`pdl`; STEPSERVE_PDL=0 turns it off).
 """
 
 from __future__ import annotations

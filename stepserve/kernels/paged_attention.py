@@ -8,9 +8,9 @@ the output (V): the same function as the reference, which scales K/V after loadi
 
 Decode (every sequence has one new token) is CUDA-graph capturable: the grid and scratch buffers depend
 only on the batch size and the number of KV splits, never on data; each sequence's keys are divided among
-the splits in-kernel from `kv_lens`, and splits with no keys write an empty partial that the combine skips.
-The splits are combined in the same launch by whichever split of a (sequence, kv head) finishes last, found
-with an atomic counter that it resets to zero, so every launch (and graph replay) starts from zero.
+the splits in-kernel from `kv_lens`, splits with no keys write an empty partial, and a second small kernel
+combines the partials, skipping the empty ones. On Hopper every kernel here launches with PDL
+(`stepserve.kernels.pdl`), so the reduce kernel's launch overlaps the split kernel's tail.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from stepserve.kernels import pdl
 from stepserve.layers.attention import ForwardContext
 
 _LOG2E = 1.4426950408889634
@@ -78,16 +79,15 @@ def _attend_range(q, k_ptr, v_ptr, table_ptr, start, full_end, end, last_key, di
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, kv_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, counters_ptr,
+def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, kv_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
                    qk_scale, v_scale, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_bt,
                    stride_ot, stride_oh,
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   COMBINE: tl.constexpr, BLOCK_G: tl.constexpr, SPLITS_POW2: tl.constexpr,
-                   SPLIT_BLOCK: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    pdl.wait_for_predecessor(USE_PDL)  # everything read here (q, the cache, lengths, pages) is step data
     kv_len = tl.load(kv_lens_ptr + seq)
     # Whole blocks per split, so only a sequence's very last block needs a mask; at least one block, so that
     # the number of non-empty splits, cdiv(kv_len, chunk), is defined for kv_len 0 too.
@@ -118,58 +118,15 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, kv_lens_ptr, out_ptr, part_ou
         # An empty split's lse (-inf) tells the reduce to skip its output, so it need not be written.
         written = rows < tl.where(end > start, GROUP, 0)
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], o, mask=written[:, None])
-        if COMBINE:
-            # The last split of this (sequence, kv head) to finish combines them all. The barrier orders every
-            # thread's partial stores before the atomic's release; its acquire orders the reads after it.
-            tl.debug_barrier()
-            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-                _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, tl.cdiv(kv_len, chunk),
-                                stride_ot, stride_oh, GROUP, BLOCK_G, HEAD_DIM, NUM_SPLITS, SPLITS_POW2,
-                                SPLIT_BLOCK)
-                tl.store(counter, 0)  # every split has counted: zero for the next launch or graph replay
-
-
-@triton.jit
-def _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, used, stride_ot, stride_oh,
-                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                    SPLITS_POW2: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
-    """Softmax-weighted sum of the first `used` (the non-empty) splits' partials of a kv head's query group.
-
-    Always in split order from memory, whichever split runs it, so the result is deterministic. Loads bypass
-    L1 (.cg): the partials were written by other SMs.
-    """
-    g = tl.arange(0, BLOCK_G)
-    g_ok = g < GROUP
-    heads = (seq * tl.num_programs(1) + kv_head) * GROUP + g  # rows of part_lse [B * Hq, NUM_SPLITS]
-    dims = tl.arange(0, HEAD_DIM)
-    every = tl.arange(0, SPLITS_POW2)
-    lse = tl.load(part_lse_ptr + heads[None, :] * NUM_SPLITS + every[:, None],
-                  mask=(every < used)[:, None] & g_ok[None, :], other=float("-inf"), cache_modifier=".cg")
-    top = tl.max(lse, 0)
-    top = tl.where(top == float("-inf"), 0.0, top)  # no keys at all: weights 0, output 0
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    total = tl.zeros([BLOCK_G], tl.float32)
-    for s0 in range(0, used, SPLIT_BLOCK):
-        s = s0 + tl.arange(0, SPLIT_BLOCK)
-        ok = (s < used)[:, None] & g_ok[None, :]
-        part = heads[None, :] * NUM_SPLITS + s[:, None]  # [SPLIT_BLOCK, BLOCK_G]
-        w = tl.load(part_lse_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        w = tl.exp2(w - top[None, :])
-        o = tl.load(part_out_ptr + part[:, :, None] * HEAD_DIM + dims[None, None, :], mask=ok[:, :, None],
-                    other=0.0, cache_modifier=".cg")
-        total += tl.sum(w, 0)
-        acc += tl.sum(o * w[:, :, None], 0)
-    o = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + seq * stride_ot + (kv_head * GROUP + g)[:, None] * stride_oh + dims[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
 
 
 @triton.jit
 def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
-                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
+                          USE_PDL: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    pdl.wait_for_predecessor(USE_PDL)
     splits = tl.arange(0, SPLITS_POW2)
     dims = tl.arange(0, HEAD_DIM)
     base = (seq * tl.num_programs(1) + head) * NUM_SPLITS + splits
@@ -189,10 +146,11 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_lens_ptr, kv_lens_ptr, o
                    qk_scale, v_scale, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_bt,
                    stride_ot, stride_oh,
                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   PAGE_SIZE: tl.constexpr, BLOCK_B: tl.constexpr):
+                   PAGE_SIZE: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr):
     TOKENS: tl.constexpr = BLOCK_M // GROUP  # query tokens per tile; a row is (token, head in group)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
+    pdl.wait_for_predecessor(USE_PDL)  # before the early exit below: every program must wait
     # Tiles are numbered over all sequences (no host list): find this tile's sequence by a prefix sum.
     b = tl.arange(0, BLOCK_B)
     lo = tl.load(cu_q_lens_ptr + b, mask=b < num_seqs, other=0)
@@ -215,7 +173,7 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_lens_ptr, kv_lens_ptr, o
         dims = tl.arange(0, HEAD_DIM)
         q_off = (q_start + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :]
         q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
-    
+
         first_tok = q_block * TOKENS
         last_tok = tl.minimum(first_tok + TOKENS, q_len) - 1
         last_key = kv_len - q_len + tok  # causal limit of each row
@@ -262,29 +220,11 @@ def default_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, num_sms: 
     return max(1, min(want, math.ceil(max_kv_len / 128), 64))
 
 
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least n zeroed int32 counters that the decode kernel leaves at zero after every launch.
-
-    One buffer per device, shared by every decode launch (launches on one stream never overlap). A larger
-    buffer replaces it when needed, but the old one is kept: a CUDA graph captured with it still uses it.
-    The first call allocates (and zeroes) outside any capture: the runner warms each batch size up first.
-    """
-    buffers = _COUNTERS.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < n:
-        buffers.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
-    return buffers[-1]
-
-
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, scale: float, *,
                      num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
-                     num_stages: int = 2, separate_reduce: bool = False) -> torch.Tensor:
+                     num_stages: int = 2) -> torch.Tensor:
     """Attention of one new token per sequence (q [B, Hq, D]) over its cached keys, split over the KV.
 
-    The last split of each (sequence, kv head) to finish combines the splits in the same launch;
-    `separate_reduce` combines them in a second kernel instead (kept to compare the two).
     Launch sizes depend only on B and `num_splits` (from `ctx.max_kv_len` unless given), so a CUDA graph
     captured for a batch size replays correctly for any kv_lens.
     """
@@ -295,29 +235,26 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, ctx.max_kv_len, _num_sms(q.device))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    combine = num_splits > 1 and not separate_reduce
     if num_splits > 1:
         part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
-    counters = _split_counters(q.device, batch * num_kv_heads) if combine else out
-    splits_pow2 = triton.next_power_of_2(num_splits)
+    use_pdl = pdl.enabled(q.device)
     k, v = kv_cache[0], kv_cache[1]
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k, v, ctx.block_tables, ctx.kv_lens, out, part_out, part_lse, counters,
+        q, k, v, ctx.block_tables, ctx.kv_lens, out, part_out, part_lse,
         scale * ctx.kv_scale * _LOG2E, ctx.kv_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), ctx.block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=block_n, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
-        COMBINE=combine, BLOCK_G=triton.next_power_of_2(group), SPLITS_POW2=splits_pow2,
-        SPLIT_BLOCK=min(splits_pow2, 16),
-        num_warps=num_warps, num_stages=num_stages)
-    if num_splits > 1 and not combine:
+        BLOCK_N=block_n, PAGE_SIZE=page_size, NUM_SPLITS=num_splits, USE_PDL=use_pdl,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl)
+    if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_POW2=splits_pow2, num_warps=4)
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits),
+            USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
     return out
 
 
@@ -334,6 +271,7 @@ def extend_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
     tokens_per_tile = block_m // group
     # Sum over sequences of ceil(q_len / tokens_per_tile) is at most this; extra programs exit at once.
     max_tiles = triton.cdiv(T, tokens_per_tile) + batch
+    use_pdl = pdl.enabled(q.device)
     k, v = kv_cache[0], kv_cache[1]
     _extend_kernel[(max_tiles, num_kv_heads)](
         q, k, v, ctx.block_tables, ctx.cu_q_lens, ctx.kv_lens, out, batch,
@@ -341,7 +279,8 @@ def extend_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), ctx.block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
-        BLOCK_B=max(16, triton.next_power_of_2(batch)), num_warps=num_warps, num_stages=num_stages)
+        BLOCK_B=max(16, triton.next_power_of_2(batch)), USE_PDL=use_pdl, num_warps=num_warps,
+        num_stages=num_stages, launch_pdl=use_pdl)
     return out
 
 

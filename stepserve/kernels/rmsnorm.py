@@ -11,17 +11,21 @@ import torch
 import triton
 import triton.language as tl
 
+from stepserve.kernels import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, sum_ptr, inner, n_cols, eps,
                      stride_xo, stride_xi, stride_ro, stride_ri,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0)
     # Rows of a [outer, inner, n_cols] view: covers q/k heads sliced out of a fused qkv projection.
     x_row = (row // inner) * stride_xo + (row % inner) * stride_xi
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     dtype = y_ptr.dtype.element_ty
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: no kernel writes it
+    pdl.wait_for_predecessor(USE_PDL)
     x = tl.load(x_ptr + x_row + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r_row = (row // inner) * stride_ro + (row % inner) * stride_ri
@@ -30,7 +34,6 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, sum_ptr, inner, n_cols, eps,
         tl.store(sum_ptr + row * n_cols + cols, x, mask=mask)
         x = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = (x * rstd).to(dtype).to(tl.float32) * w
     tl.store(y_ptr + row * n_cols + cols, y.to(dtype), mask=mask)
 
@@ -61,10 +64,11 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if rows:
         block = triton.next_power_of_2(n_cols)
+        use_pdl = pdl.enabled(x.device)
         _rms_norm_kernel[(rows,)](
             xv, rv, weight, y, summed if summed is not None else y, inner, n_cols, eps,
-            sxo, sxi, sro, sri, HAS_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=min(16, max(1, block // 256)))
+            sxo, sxi, sro, sri, HAS_RESIDUAL=residual is not None, BLOCK=block, USE_PDL=use_pdl,
+            num_warps=min(16, max(1, block // 256)), launch_pdl=use_pdl)
     return y, summed
 
 

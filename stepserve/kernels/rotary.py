@@ -14,17 +14,30 @@ import torch
 import triton
 import triton.language as tl
 
+from stepserve.kernels import pdl
+
 
 @triton.jit
-def _norm_rotate(lo_ptr, mask, w_ptr, eps, cos, sin, half_dims, half_ok, HALF: tl.constexpr, NORM: tl.constexpr):
+def _load_weight(w_ptr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, NORM: tl.constexpr):
+    """A norm weight's two halves, [1, BLOCK_HALF] float32 each; zeros (which nothing reads) without NORM."""
+    if NORM:
+        dims = tl.arange(0, BLOCK_HALF)
+        w1 = tl.load(w_ptr + dims, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + HALF + dims, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
+    else:
+        w1 = tl.zeros([1, BLOCK_HALF], tl.float32)
+        w2 = w1
+    return w1, w2
+
+
+@triton.jit
+def _norm_rotate(lo_ptr, mask, w1, w2, eps, cos, sin, HALF: tl.constexpr, NORM: tl.constexpr):
     """A token's heads (lo_ptr: their first halves), normalized (NORM) and rotated: two halves in x's dtype."""
     dtype = lo_ptr.dtype.element_ty
     x1 = tl.load(lo_ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(lo_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
     if NORM:
         rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
-        w1 = tl.load(w_ptr + half_dims, mask=half_ok, other=0.0).to(tl.float32)[None, :]
-        w2 = tl.load(w_ptr + HALF + half_dims, mask=half_ok, other=0.0).to(tl.float32)[None, :]
         # Round where the reference rounds: after normalizing and after the weight.
         x1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
         x2 = ((x2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
@@ -45,25 +58,30 @@ def _rope_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_ptr, eps,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
                  cache_ptr, slot_ptr, inv_scale, fp8_max, stride_kv, stride_page, stride_slot, stride_ch,
                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
-                 NORM: tl.constexpr, STORE: tl.constexpr, PAGE_SIZE: tl.constexpr, SATURATE: tl.constexpr):
+                 NORM: tl.constexpr, STORE: tl.constexpr, PAGE_SIZE: tl.constexpr, SATURATE: tl.constexpr,
+                 USE_PDL: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + tok).to(tl.int64)
     half_dims = tl.arange(0, BLOCK_HALF)
     half_ok = half_dims < HALF
+    qw1, qw2 = _load_weight(qw_ptr, HALF, BLOCK_HALF, NORM)
+    kw1, kw2 = _load_weight(kw_ptr, HALF, BLOCK_HALF, NORM)
+    # Positions and slots are step inputs (an earlier kernel may write them), so the wait comes before them.
+    pdl.wait_for_predecessor(USE_PDL)
+    pos = tl.load(pos_ptr + tok).to(tl.int64)
     cos = tl.load(cos_sin_ptr + pos * stride_cs + half_dims, mask=half_ok, other=0.0)[None, :]
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + half_dims, mask=half_ok, other=0.0)[None, :]
 
     q_heads = tl.arange(0, BLOCK_QH)[:, None]
     q_ok = (q_heads < num_q_heads) & half_ok[None, :]
     q_lo = q_ptr + tok * stride_qt + q_heads * stride_qh + half_dims[None, :]
-    q1, q2 = _norm_rotate(q_lo, q_ok, qw_ptr, eps, cos, sin, half_dims, half_ok, HALF, NORM)
+    q1, q2 = _norm_rotate(q_lo, q_ok, qw1, qw2, eps, cos, sin, HALF, NORM)
     tl.store(q_lo, q1, mask=q_ok)
     tl.store(q_lo + HALF, q2, mask=q_ok)
 
     kv_heads = tl.arange(0, BLOCK_KH)[:, None]
     kv_ok = (kv_heads < num_k_heads) & half_ok[None, :]
     k_lo = k_ptr + tok * stride_kt + kv_heads * stride_kh + half_dims[None, :]
-    k1, k2 = _norm_rotate(k_lo, kv_ok, kw_ptr, eps, cos, sin, half_dims, half_ok, HALF, NORM)
+    k1, k2 = _norm_rotate(k_lo, kv_ok, kw1, kw2, eps, cos, sin, HALF, NORM)
     if STORE:
         slot = tl.load(slot_ptr + tok)
         dst = (cache_ptr + (slot // PAGE_SIZE) * stride_page + (slot % PAGE_SIZE) * stride_slot
@@ -106,13 +124,14 @@ def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_c
         return
     norm = q_weight is not None
     half = head_dim // 2
+    use_pdl = pdl.enabled(q.device)
     _rope_kernel[(T,)](
         q, k, v, positions, cos_sin_cache, q_weight if norm else q, k_weight if norm else k, eps,
         num_q_heads, k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos_sin_cache.stride(0), *cache_args,
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_QH=triton.next_power_of_2(num_q_heads),
         BLOCK_KH=triton.next_power_of_2(k.shape[1]), NORM=norm, STORE=store, PAGE_SIZE=page_size,
-        SATURATE=saturate, num_warps=4)
+        SATURATE=saturate, USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,

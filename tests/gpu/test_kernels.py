@@ -1,16 +1,20 @@
 """Triton kernels vs the plain-torch references on the GPU, bf16 at Qwen3-8B sizes (32 q heads, 8 kv heads,
 head_dim 128), fresh random inputs each case. Attention is compared with the reference run in float32.
-Last, the tiny decoder through the runner's decode graphs against its plain-torch layers.
+Then PDL on vs off (each kernel, and a graph-captured chain of them), and last the tiny decoder through the
+runner's decode graphs against its plain-torch layers.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
 from stepserve.kernels import (apply_rotary, decode_attention, extend_attention, fused_add_rms_norm,
-                               paged_attention, qk_norm_rope, qk_norm_rope_store_kv, rms_norm, silu_and_mul)
-from stepserve.kernels.paged_attention import _split_counters
+                               paged_attention, pdl, qk_norm_rope, qk_norm_rope_store_kv, rms_norm, silu_and_mul)
 from stepserve.layers import activation as act_ref
 from stepserve.layers import attention
 from stepserve.layers import norm as norm_ref
@@ -58,28 +62,10 @@ def test_decode_attention(page_size, batch, max_kv):
     assert _rel_err(out, _reference(q, kv_cache, ctx)) < 1e-2
 
 
-@pytest.mark.parametrize("separate_reduce", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
-def test_decode_any_split_count(num_splits, separate_reduce):
+def test_decode_any_split_count(num_splits):
     q, kv_cache, ctx = _paged_case([1] * 5, [1, 17, 64, 1000, 3001], 16)
-    out = decode_attention(q, kv_cache, ctx, SCALE, num_splits=num_splits, separate_reduce=separate_reduce)
-    assert _rel_err(out, _reference(q, kv_cache, ctx)) < 1e-2
-
-
-@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
-@pytest.mark.parametrize("batch,kv_len", [(1, 1536), (8, 1536), (64, 2048)])
-def test_decode_one_launch_is_deterministic(batch, kv_len, kv_dtype):
-    """The in-kernel combine equals the separate reduce kernel up to summation order, repeats bit for bit
-    (whichever split finishes last) and leaves its counters at zero; splits as a 32k-context graph uses."""
-    kv_scale = 0.05 if kv_dtype == torch.float8_e4m3fn else 1.0
-    q, kv_cache, ctx = _paged_case([1] * batch, [kv_len] * batch, 16, kv_dtype=kv_dtype, kv_scale=kv_scale)
-    ctx.max_kv_len = 32768
-    out = decode_attention(q, kv_cache, ctx, SCALE)
-    assert not _split_counters(q.device, 1).any()
-    for _ in range(20):
-        assert torch.equal(decode_attention(q, kv_cache, ctx, SCALE), out)
-    separate = decode_attention(q, kv_cache, ctx, SCALE, separate_reduce=True)
-    assert _rel_err(out, separate) < 2e-3
+    out = decode_attention(q, kv_cache, ctx, SCALE, num_splits=num_splits)
     assert _rel_err(out, _reference(q, kv_cache, ctx)) < 1e-2
 
 
@@ -111,7 +97,6 @@ def test_decode_cuda_graph_replays_new_lengths():
         graph.replay()
         new = build_context([1] * batch, kv_lens, perm.tolist(), page_size, device=DEV)
         assert _rel_err(out, _reference(q, kv_cache, new)) < 1e-2
-        assert not _split_counters(q.device, 1).any()
 
 
 @pytest.mark.parametrize("page_size", [16, 64])
@@ -234,6 +219,101 @@ def test_qk_norm_rope_store_kv(T, kv_dtype, kv_scale):
         torch.testing.assert_close(cache.float(), cache_ref.float(), rtol=2 ** -3, atol=2 ** -6)
         assert (cache.float() == cache_ref.float()).float().mean() > 0.99
         assert cache[1].float().view(-1, HKV, D)[slots[0], 0, :2].tolist() == [448.0, 448.0]
+
+
+needs_pdl = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                               reason="PDL needs compute capability 9.0 or later")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+def _same_bits(got, want) -> bool:
+    return len(got) == len(want) and all(torch.equal(_bits(a), _bits(b)) for a, b in zip(got, want))
+
+
+def _norm_case():
+    x, res = torch.randn(2, 7, 4096, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(4096, device=DEV, dtype=torch.bfloat16)
+    return lambda: (rms_norm(x, w, 1e-6), *fused_add_rms_norm(x, res, w, 1e-6))
+
+
+def _rope_case(kv_dtype):
+    T, page_size = 33, 16
+    qkv, _, _, positions, cos_sin = _qk(T)
+    qw, kw = torch.randn(2, D, device=DEV, dtype=torch.bfloat16)
+    cache = torch.randn(2, 4, page_size, HKV, D, device=DEV).to(kv_dtype)
+    slots = torch.randperm(4 * page_size, device=DEV)[:T]
+
+    def run():  # in place on copies, so every call starts from the same inputs
+        x, c = qkv.clone(), cache.clone()
+        q, k, v = (t.view(T, -1, D) for t in x.split([HQ * D, HKV * D, HKV * D], dim=-1))
+        qk_norm_rope_store_kv(q, k, v, qw, kw, 1e-6, positions, cos_sin, c, slots, 0.05)
+        apply_rotary(q, v, positions, cos_sin)
+        return x, c
+    return run
+
+
+def _attention_case(kv_dtype):
+    kv_scale = 0.05 if kv_dtype == torch.float8_e4m3fn else 1.0
+    q, kv_cache, ctx = _paged_case([1] * 3, [1, 700, 3001], 16, kv_dtype=kv_dtype, kv_scale=kv_scale)
+    qe, kve, ctxe = _paged_case([1, 300, 40], [900, 300, 100], 16, kv_dtype=kv_dtype, kv_scale=kv_scale)
+    return lambda: (decode_attention(q, kv_cache, ctx, SCALE, num_splits=1),
+                    decode_attention(q, kv_cache, ctx, SCALE, num_splits=7), extend_attention(qe, kve, ctxe, SCALE))
+
+
+_PDL_CASES = {"norm": _norm_case,
+              "rope bf16": functools.partial(_rope_case, torch.bfloat16),
+              "rope fp8": functools.partial(_rope_case, torch.float8_e4m3fn),
+              "attention bf16": functools.partial(_attention_case, torch.bfloat16),
+              "attention fp8": functools.partial(_attention_case, torch.float8_e4m3fn)}
+
+
+@needs_pdl
+@pytest.mark.parametrize("case", _PDL_CASES.values(), ids=_PDL_CASES.keys())
+def test_pdl_on_equals_off(monkeypatch, case):
+    """Each kernel launched with PDL gives the bits it gives without (eager launches, one after another)."""
+    run = case()
+    monkeypatch.setenv("STEPSERVE_PDL", "0")
+    assert not pdl.enabled(torch.device(DEV))
+    off = run()
+    monkeypatch.setenv("STEPSERVE_PDL", "1")
+    assert pdl.enabled(torch.device(DEV))
+    assert _same_bits(run(), off)
+
+
+def _bench_kernels():
+    """benchmarks/kernels.py, whose `decode_chain` --pdl-chain times: the test checks the very chain timed there."""
+    path = Path(__file__).parents[2] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_pdl
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_pdl_graph_chain_equals_off(monkeypatch, kv_dtype):
+    """Six layers of norm -> rope + KV store -> split decode -> reduce -> next norm, each reading the one before,
+    captured in a graph with PDL off and on and replayed on new inputs: the hidden state, the residual and every
+    cache as the chain launched eagerly without PDL leaves them, bit for bit. New inputs each replay make a
+    kernel that read before its predecessor finished see the previous replay's values, and fail."""
+    run, caches = _bench_kernels().decode_chain(6, 1000, 7, kv_dtype)
+    inputs = [torch.randn(2, 1, 4096, device=DEV, dtype=torch.bfloat16) for _ in range(4)]
+    monkeypatch.setenv("STEPSERVE_PDL", "0")
+    want = [[t.clone() for t in (*run(*x), *caches)] for x in inputs]
+    for on in ("0", "1"):
+        monkeypatch.setenv("STEPSERVE_PDL", on)
+        x = inputs[-1].clone()
+        run(*x)  # compiles this setting's kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run(*x)
+        for new, expected in zip(inputs, want):
+            x.copy_(new)
+            graph.replay()
+            assert _same_bits((*out, *caches), expected), f"STEPSERVE_PDL={on}"
 
 
 def test_tiny_decoder_through_decode_graphs(tmp_path):
