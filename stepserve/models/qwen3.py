@@ -13,7 +13,6 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from stepserve.layers.activation import silu_and_mul
 from stepserve.layers.attention import Attention
 from stepserve.layers.linear import copy_weight
 from stepserve.layers.norm import RMSNorm
@@ -59,11 +58,13 @@ class Qwen3Attention(nn.Module):
 class Qwen3MLP(nn.Module):
     def __init__(self, cfg: TextConfig, quant: Fp8Config | None = None, prefix: str = ""):
         super().__init__()
-        self.gate_up_proj = make_linear(quant, f"{prefix}.gate_up_proj", cfg.hidden_size, [cfg.intermediate_size] * 2)
+        # The SiLU-and-mul runs in the gate/up GEMM's epilogue at decode sizes (one kernel, no 2I-wide output).
+        self.gate_up_proj = make_linear(quant, f"{prefix}.gate_up_proj", cfg.hidden_size, [cfg.intermediate_size] * 2,
+                                        activation="silu_and_mul")
         self.down_proj = make_linear(quant, f"{prefix}.down_proj", cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x))
 
 
 class Qwen3DecoderLayer(nn.Module):
