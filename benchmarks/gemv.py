@@ -1,15 +1,16 @@
-"""Times the skinny bf16 GEMM (stepserve.kernels.gemv) at the Qwen3-8B decoder's linear shapes, M = 1, 4, 8,
-against F.linear (cuBLAS) and against the bytes floor (W read once at the 3.0 TB/s copy ceiling of
-docs/performance), then sweeps launch configs per shape so the defaults can be picked from measurements.
+"""Times the skinny GEMM (stepserve.kernels.gemv) at the Qwen3-8B decoder's linear shapes, M = 1, 4, 8, in bf16 and
+block-fp8, against bf16 F.linear (cuBLAS) and against the bytes floor (W read once at the 3.0 TB/s copy ceiling
+of docs/performance); then all the linears of one decode step in one CUDA graph; then (--sweep) a grid of launch
+configs per shape, so one GPU run picks the defaults.
 
-    python benchmarks/gemv.py              # table, decode-step sums, sweep; JSON in $OUT/gemv.json if OUT is set
-    python benchmarks/gemv.py --quick      # no sweep
-    python benchmarks/gemv.py --sweep-s 60 # stop sweeping after about 60 s
+    python benchmarks/gemv.py                       # bf16 and fp8 tables, decode-step linears; $OUT/gemv.json
+    python benchmarks/gemv.py --sweep --fp8         # + the fp8 config sweep (--bf16 for bf16, both: neither)
+    python benchmarks/gemv.py --sweep --sweep-s 60  # stop sweeping after about 60 s
 
-"cold" is a triton.testing.do_bench median with the L2 flushed before each call. "graph" replays a CUDA graph
-of many calls that cycle over distinct weight sets of > 4 x L2 together, so every call streams its W from
-memory as a decode step's graph does; it is the number that matters, and the sweep uses it alone. Every
-config is checked against F.linear in float32 before it is timed.
+Every time is a CUDA-graph replay of many calls that cycle over distinct weight sets of > 4 x L2 together, so
+each call streams its W from memory as a decode step's graph does. "gate_up+silu" is gate_up_proj with the
+fused silu_and_mul epilogue ([M, 12288] out); its cuBLAS baseline is F.linear + the silu_and_mul kernel.
+Every config is checked against the float32 reference before it is timed.
 """
 
 from __future__ import annotations
@@ -25,37 +26,55 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from stepserve.kernels.activation import silu_and_mul
 from stepserve.kernels.gemv import FMA_K_PER_WARP, default_config, linear_small_m, linear_small_m_reference
+from stepserve.layers.quant import BLOCK, FP8_DTYPE
 
 BANDWIDTH = 3.0e12
 LAYERS = 36
-SHAPES = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (24576, 4096),
-          "down_proj": (4096, 12288), "lm_head": (151936, 4096)}
+SILU = "silu_and_mul"
+# name: (rows of W, K, activation)
+SHAPES = {"qkv_proj": (6144, 4096, None), "o_proj": (4096, 4096, None), "gate_up_proj": (24576, 4096, None),
+          "gate_up+silu": (24576, 4096, SILU), "down_proj": (4096, 12288, None), "lm_head": (151936, 4096, None)}
+STEP = ("qkv_proj", "o_proj", "gate_up+silu", "down_proj")  # one decoder layer's linears, as a decode step runs them
 ROTATE_BYTES = 256 << 20  # > 4 x the H100's 50 MB L2
 GRAPH_BYTES = 2 << 30  # weight bytes one graph replay streams: ~0.7 ms, well above replay overheads
 REPLAYS = 15
 DEV = "cuda"
 
 
-def weight_sets(N: int, K: int) -> list[torch.Tensor]:
-    n = max(1, math.ceil(ROTATE_BYTES / (N * K * 2)))
-    return [torch.randn(N, K, device=DEV, dtype=torch.bfloat16) for _ in range(n)]
+def w_bytes(N: int, K: int, fp8: bool) -> int:
+    return N * K + math.ceil(N / BLOCK) * math.ceil(K / BLOCK) * 4 if fp8 else 2 * N * K
 
 
-def cold_us(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
+def floor_us(M: int, N: int, K: int, fp8: bool, activation: str | None = None) -> float:
+    out_cols = N // 2 if activation else N
+    return (w_bytes(N, K, fp8) + 2 * M * K + 2 * M * out_cols) / BANDWIDTH * 1e6
 
 
-def graph_us(fn, x: torch.Tensor, ws: list[torch.Tensor]) -> float:
-    """Median per-call time of a CUDA graph of fn(x, w) calls cycling over the weight sets `ws`."""
-    per_call = ws[0].numel() * 2
-    calls = len(ws) * max(1, math.ceil(GRAPH_BYTES / (len(ws) * per_call)))
-    fn(x, ws[0])  # compile and create library handles outside the capture
+def random_weight(N: int, K: int, fp8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W, scales): random bf16, or random e4m3 with random block scales (values do not matter for timing)."""
+    w = torch.randn(N, K, device=DEV, dtype=torch.bfloat16)
+    if not fp8:
+        return w, None
+    scale = torch.rand(math.ceil(N / BLOCK), math.ceil(K / BLOCK), device=DEV) * 1e-2 + 1e-3
+    return w.to(FP8_DTYPE), scale
+
+
+def weight_sets(N: int, K: int, fp8: bool) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    return [random_weight(N, K, fp8) for _ in range(max(1, math.ceil(ROTATE_BYTES / w_bytes(N, K, fp8))))]
+
+
+def graph_us(fn, x: torch.Tensor, sets: list) -> float:
+    """Median per-call time of a CUDA graph of fn(x, set) calls cycling over the weight sets."""
+    per_call = w_bytes(*sets[0][0].shape, sets[0][1] is not None)
+    calls = len(sets) * max(1, math.ceil(GRAPH_BYTES / (len(sets) * per_call)))
+    fn(x, sets[0])  # compile and create library handles outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(calls):
-            fn(x, ws[i % len(ws)])
+            fn(x, sets[i % len(sets)])
     graph.replay()
     times = []
     for _ in range(REPLAYS):
@@ -73,108 +92,196 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def floor_us(M: int, N: int, K: int) -> float:
-    return (N * K + M * K + M * N) * 2 / BANDWIDTH * 1e6
+def skinny_fn(activation: str | None, **config):
+    return lambda a, ws: linear_small_m(a, ws[0], weight_scale_inv=ws[1], activation=activation, **config)
 
 
-def bench_table(results: list, sums: dict) -> None:
-    print(f"{'shape':13s} {'M':>2s} {'floor us':>9s} {'cold us':>8s} {'graph us':>9s} {'floor%':>7s} {'TB/s':>5s}"
-          f" {'F.lin cold':>10s} {'F.lin graph':>11s} {'floor%':>7s} {'speedup':>7s}  config")
-    for name, (N, K) in SHAPES.items():
-        ws = weight_sets(N, K)
-        for M in (1, 4, 8):
-            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-            err = rel_err(linear_small_m(x, ws[0]), linear_small_m_reference(x, ws[0]))
-            assert err < 1e-2, (name, M, err)
-            floor = floor_us(M, N, K)
-            t_cold = cold_us(lambda: linear_small_m(x, ws[0]))
-            t_graph = graph_us(linear_small_m, x, ws)
-            b_cold = cold_us(lambda: F.linear(x, ws[0]))
-            b_graph = graph_us(F.linear, x, ws)
-            cfg = default_config(M, N, K, torch.cuda.get_device_properties(0).multi_processor_count)
-            results.append({"shape": name, "N": N, "K": K, "M": M, "floor_us": floor, "cold_us": t_cold,
-                            "graph_us": t_graph, "flinear_cold_us": b_cold, "flinear_graph_us": b_graph,
-                            "floor_frac": floor / t_graph, "flinear_floor_frac": floor / b_graph,
-                            "rel_err": err, "config": cfg})
-            for key, t in (("triton", t_graph), ("F.linear", b_graph)):
-                sums[(key, M)] = sums.get((key, M), 0.0) + t * (1 if name == "lm_head" else LAYERS)
-            print(f"{name:13s} {M:2d} {floor:9.1f} {t_cold:8.1f} {t_graph:9.1f} {100 * floor / t_graph:6.0f}%"
-                  f" {N * K * 2 / t_graph / 1e6:5.2f} {b_cold:10.1f} {b_graph:11.1f} {100 * floor / b_graph:6.0f}%"
-                  f" {b_graph / t_graph:6.2f}x  {cfg}", flush=True)
-        del ws
+def cublas_fn(activation: str | None):
+    return lambda a, ws: (F.linear(a, ws[0]) if activation is None else silu_and_mul(F.linear(a, ws[0])))
+
+
+def checked(fn, x: torch.Tensor, ws: tuple, activation: str | None) -> float:
+    err = rel_err(fn(x, ws), linear_small_m_reference(x, ws[0], weight_scale_inv=ws[1], activation=activation))
+    assert err < 1e-2, err
+    return err
+
+
+def bench_table(results: list, dtypes: list[str]) -> None:
+    print(f"{'shape':13s} {'dtype':5s} {'M':>2s} {'floor us':>9s} {'graph us':>9s} {'floor%':>7s} {'TB/s':>5s}"
+          f" {'cuBLAS bf16':>11s} {'floor%':>7s} {'speedup':>7s}  config")
+    for name, (N, K, act) in SHAPES.items():
+        bf16_sets = weight_sets(N, K, False)
+        for dtype in dtypes:
+            fp8 = dtype == "fp8"
+            if fp8 and name == "lm_head":  # stays bf16 in an fp8 model
+                continue
+            sets = weight_sets(N, K, True) if fp8 else bf16_sets
+            for M in (1, 4, 8):
+                x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+                err = checked(skinny_fn(act), x, sets[0], act)
+                t = graph_us(skinny_fn(act), x, sets)
+                b = graph_us(cublas_fn(act), x, bf16_sets)
+                floor, b_floor = floor_us(M, N, K, fp8, act), floor_us(M, N, K, False, act)
+                cfg = default_config(M, N // (2 if act else 1), K, torch.cuda.get_device_properties(0).multi_processor_count,
+                                     fp8, act is not None)
+                results.append({"shape": name, "dtype": dtype, "N": N, "K": K, "M": M, "floor_us": floor,
+                                "graph_us": t, "floor_frac": floor / t, "cublas_bf16_us": b,
+                                "cublas_floor_frac": b_floor / b, "rel_err": err, "config": cfg})
+                print(f"{name:13s} {dtype:5s} {M:2d} {floor:9.1f} {t:9.1f} {100 * floor / t:6.0f}%"
+                      f" {w_bytes(N, K, fp8) / t / 1e6:5.2f} {b:11.1f} {100 * b_floor / b:6.0f}% {b / t:6.2f}x  {cfg}",
+                      flush=True)
+            del sets
+        del bf16_sets
         torch.cuda.empty_cache()
 
 
-def sweep_grid(M: int) -> list[dict]:
-    """Configs to try at M rows, most promising first (the sweep may stop on its time budget)."""
-    dot = [dict(use_dot=True, block_n=bn, block_k=bk, num_warps=4, num_stages=st)
-           for bn, bk, st in ((16, 256, 4), (16, 256, 3), (16, 512, 3), (16, 128, 5), (32, 256, 4), (32, 128, 4),
-                              (32, 512, 3), (64, 256, 3), (64, 128, 4), (64, 256, 4), (128, 128, 3))]
-    dot += [dict(use_dot=True, block_n=16, block_k=256, num_warps=4, num_stages=4, split_k=s) for s in (2, 3)]
+def decode_step(results: dict) -> None:
+    """All linears of one decode step (36 layers of qkv, o, gate_up + silu_and_mul, down; then the bf16 lm_head)
+    in one CUDA graph over the real model's worth of distinct weights (nothing stays in L2)."""
+    hidden = torch.randn(8, SHAPES["qkv_proj"][1], device=DEV, dtype=torch.bfloat16)
+    inter = torch.randn(8, SHAPES["down_proj"][1], device=DEV, dtype=torch.bfloat16)
+    lm_head = random_weight(*SHAPES["lm_head"][:2], False)
+    variants = {  # name: (fp8 weights, the layer call)
+        "cuBLAS bf16 + silu kernel": (False, lambda a, ws, act: cublas_fn(act)(a, ws)),
+        "skinny bf16 + silu kernel": (False, lambda a, ws, act: skinny_fn(None)(a, ws) if act is None else
+                                      silu_and_mul(skinny_fn(None)(a, ws))),
+        "skinny bf16, fused silu": (False, lambda a, ws, act: skinny_fn(act)(a, ws)),
+        "skinny fp8 + silu kernel": (True, lambda a, ws, act: skinny_fn(None)(a, ws) if act is None else
+                                     silu_and_mul(skinny_fn(None)(a, ws))),
+        "skinny fp8, fused silu": (True, lambda a, ws, act: skinny_fn(act)(a, ws)),
+    }
+    print("\nlinears of one decode step (36 layers + bf16 lm_head), one CUDA graph:")
+    for fp8 in (False, True):
+        layers = [{name: random_weight(*SHAPES[name][:2], fp8) for name in STEP} for _ in range(LAYERS)]
+        floor_bytes = LAYERS * sum(w_bytes(*SHAPES[name][:2], fp8) for name in STEP) + w_bytes(*SHAPES["lm_head"][:2], False)
+        for vname, (v_fp8, call) in variants.items():
+            if v_fp8 != fp8:
+                continue
+            for M in (1, 4, 8):
+                x_h, x_i = hidden[:M], inter[:M]
+
+                def step():
+                    for layer in layers:
+                        for name in STEP:
+                            call(x_i if name == "down_proj" else x_h, layer[name], SHAPES[name][2])
+                    if vname.startswith("cuBLAS"):
+                        F.linear(x_h, lm_head[0])
+                    else:
+                        skinny_fn(None)(x_h, lm_head)
+
+                step()
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                times = []
+                for _ in range(REPLAYS):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    graph.replay()
+                    end.record()
+                    torch.cuda.synchronize()
+                    times.append(start.elapsed_time(end))
+                del graph
+                ms, floor_ms = statistics.median(times), floor_bytes / BANDWIDTH * 1e3
+                results[f"{vname} M{M}"] = {"ms": ms, "floor_ms": floor_ms, "floor_frac": floor_ms / ms}
+                print(f"  {vname:28s} M={M}: {ms:6.3f} ms (floor {floor_ms:.3f} ms, {100 * floor_ms / ms:.0f}%)",
+                      flush=True)
+        del layers
+        torch.cuda.empty_cache()
+
+
+def sweep_grid(M: int, fp8: bool, silu: bool) -> list[dict]:
+    """Configs to try at M rows, most promising first (the sweep may stop on its time budget). Sizes are rows
+    of W per program (halved into gate and up with silu)."""
+    halves = 2 if silu else 1
+
+    def reg(rows, warps, loads, split=None):
+        cfg = dict(use_dot=False, block_n=rows // halves, num_warps=warps, block_k=FMA_K_PER_WARP * warps * loads,
+                   num_stages=1)
+        return cfg if split is None else cfg | {"split_k": split}
+
+    def dot(rows, block_k, stages, warps=4, split=None):
+        cfg = dict(use_dot=True, block_n=rows // halves, block_k=block_k, num_stages=stages, num_warps=warps)
+        return cfg if split is None else cfg | {"split_k": split}
+
+    if fp8:  # tensor-core steps of at most 128 columns: one scale column each
+        dots = [dot(32, 128, 6), dot(16, 128, 8), dot(32, 128, 4), dot(32, 128, 8), dot(64, 128, 4), dot(64, 128, 6),
+                dot(32, 64, 8), dot(64, 128, 4, warps=8), dot(32, 128, 6, split=2)]
+    else:
+        dots = [dot(16, 256, 4), dot(16, 256, 3), dot(16, 512, 3), dot(16, 128, 5), dot(32, 256, 4), dot(32, 128, 4),
+                dot(64, 256, 3), dot(64, 128, 4), dot(16, 256, 4, split=2)]
     if M > 1:
-        return dot
-    fma = [dict(use_dot=False, block_n=bn, block_k=FMA_K_PER_WARP * w * kmul, num_warps=w, num_stages=1)
-           for bn, w, kmul in ((8, 4, 2), (8, 2, 2), (8, 4, 1), (16, 4, 1), (4, 4, 2), (16, 2, 1), (8, 8, 2),
-                               (4, 8, 1))]
-    fma += [dict(use_dot=False, block_n=8, block_k=FMA_K_PER_WARP * 8, num_warps=4, num_stages=1, split_k=s)
-            for s in (2, 3)]
-    return fma + dot
+        return dots
+    regs = [reg(8, 4, 2), reg(8, 4, 1), reg(8, 4, 4), reg(16, 4, 1), reg(4, 4, 2), reg(8, 2, 2), reg(16, 2, 2),
+            reg(8, 8, 1), reg(8, 4, 2, split=2)]
+    return regs + dots
 
 
-def sweep(results: list, budget_s: float) -> None:
-    """For each shape and M in (1, 4, 8), graph-time every config; print the best per (shape, M)."""
+def sweep(results: list, dtypes: list[str], budget_s: float) -> None:
+    """For each dtype, M in (1, 4, 8) and shape, graph-time every config; print the best per (shape, M) and what
+    a decode step's linears would take with the best config of each shape instead of the defaults."""
     deadline = time.monotonic() + budget_s
-    for M in (1, 4, 8):
-        for name, (N, K) in SHAPES.items():
-            if time.monotonic() > deadline:
-                print(f"  sweep budget spent: stopped before {name} M={M}", flush=True)
-                return
-            ws = weight_sets(N, K)
-            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-            ref = linear_small_m_reference(x, ws[0])
-            default_t = graph_us(linear_small_m, x, ws)
-            best_t, best_cfg = default_t, "default"
-            for cfg in sweep_grid(M):
-                fn = lambda a, w, cfg=cfg: linear_small_m(a, w, **cfg)  # noqa: E731
-                row = {"sweep": True, "shape": name, "M": M, "config": cfg, "default_graph_us": default_t}
-                try:
-                    row["rel_err"] = rel_err(fn(x, ws[0]), ref)
-                    row["graph_us"] = graph_us(fn, x, ws) if row["rel_err"] < 1e-2 else None
-                except Exception as e:  # e.g. out of shared memory: record and go on
-                    row["graph_us"], row["error"] = None, str(e).splitlines()[0][:160]
-                results.append(row)
-                if row["graph_us"] is not None and row["graph_us"] < best_t:
-                    best_t, best_cfg = row["graph_us"], cfg
-            print(f"best {name:13s} M={M}: {best_t:8.1f} us ({100 * floor_us(M, N, K) / best_t:.0f}% of floor;"
-                  f" default {default_t:.1f} us)  {best_cfg}", flush=True)
-            del ws
-            torch.cuda.empty_cache()
+    for dtype in dtypes:
+        fp8 = dtype == "fp8"
+        for M in (1, 4, 8):
+            step_default = step_best = 0.0
+            for name, (N, K, act) in SHAPES.items():
+                if (fp8 and name == "lm_head") or name == "gate_up_proj":  # the step runs gate_up fused
+                    continue
+                if time.monotonic() > deadline:
+                    print(f"  sweep budget spent: stopped before {dtype} {name} M={M}", flush=True)
+                    return
+                sets = weight_sets(N, K, fp8)
+                x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+                ref = linear_small_m_reference(x, sets[0][0], weight_scale_inv=sets[0][1], activation=act)
+                default_t = graph_us(skinny_fn(act), x, sets)
+                best_t, best_cfg = default_t, "default"
+                for cfg in sweep_grid(M, fp8, act is not None):
+                    row = {"sweep": True, "dtype": dtype, "shape": name, "M": M, "config": cfg,
+                           "default_graph_us": default_t}
+                    try:
+                        row["rel_err"] = rel_err(skinny_fn(act, **cfg)(x, sets[0]), ref)
+                        row["graph_us"] = graph_us(skinny_fn(act, **cfg), x, sets) if row["rel_err"] < 1e-2 else None
+                    except Exception as e:  # e.g. out of shared memory: record and go on
+                        row["graph_us"], row["error"] = None, str(e).splitlines()[0][:160]
+                    results.append(row)
+                    if row["graph_us"] is not None and row["graph_us"] < best_t:
+                        best_t, best_cfg = row["graph_us"], cfg
+                weight = 1 if name == "lm_head" else LAYERS
+                step_default, step_best = step_default + weight * default_t, step_best + weight * best_t
+                print(f"best {dtype} {name:13s} M={M}: {best_t:8.1f} us ({100 * floor_us(M, N, K, fp8, act) / best_t:.0f}%"
+                      f" of floor; default {default_t:.1f} us)  {best_cfg}", flush=True)
+                del sets
+                torch.cuda.empty_cache()
+            lm = "" if not fp8 else " (lm_head not included)"
+            print(f"  {dtype} M={M} step linears{lm}: defaults {step_default / 1e3:.3f} ms, best per shape "
+                  f"{step_best / 1e3:.3f} ms", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="skip the config sweep")
-    parser.add_argument("--sweep-s", type=float, default=150.0, help="time budget of the sweep, seconds")
+    parser.add_argument("--sweep", action="store_true", help="sweep launch configs per shape")
+    parser.add_argument("--fp8", action="store_true", help="tables and sweep for fp8 weights only")
+    parser.add_argument("--bf16", action="store_true", help="tables and sweep for bf16 weights only")
+    parser.add_argument("--sweep-s", type=float, default=120.0, help="time budget of the sweep, seconds")
+    parser.add_argument("--no-step", action="store_true", help="skip the decode-step graph")
     args = parser.parse_args()
+    dtypes = [d for d, on in (("bf16", args.bf16), ("fp8", args.fp8)) if on] or ["bf16", "fp8"]
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     results: list[dict] = []
-    sums: dict = {}
-    bench_table(results, sums)
-    print("linear layers of one decode step (36 layers + lm_head, graph times):")
-    for M in (1, 4, 8):
-        t, b = sums[("triton", M)], sums[("F.linear", M)]
-        floor = sum(floor_us(M, N, K) * (1 if name == "lm_head" else LAYERS) for name, (N, K) in SHAPES.items())
-        print(f"  M={M}: triton {t / 1e3:.3f} ms, F.linear {b / 1e3:.3f} ms, floor {floor / 1e3:.3f} ms "
-              f"({100 * floor / t:.0f}% / {100 * floor / b:.0f}% of floor)", flush=True)
-    if not args.quick:
-        sweep(results, args.sweep_s)
+    step: dict = {}
+    bench_table(results, dtypes)
+    if not args.no_step:
+        decode_step(step)
+    if args.sweep:
+        sweep(results, dtypes, args.sweep_s)
     out_dir = os.environ.get("OUT")
     if out_dir:
         with open(os.path.join(out_dir, "gemv.json"), "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": triton.__version__, "results": results,
-                       "decode_step_us": {f"{k}_M{m}": v for (k, m), v in sums.items()}}, f, indent=1)
+                       "triton": triton.__version__, "results": results, "decode_step": step}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""fp8 on the GPU: the block-scaled GEMM at Qwen3-8B shapes, its CUDA-graph replay, the fp8 KV cache scale in
-decode graphs, and the real-size fp8 model against the same weights in bf16.
+"""fp8 on the GPU: `fp8_linear`'s CUDA paths (kernels/fp8_gemm.py) at Qwen3-8B shapes, its CUDA-graph replay, the
+fp8 KV cache scale in decode graphs, and the real-size fp8 model against the same weights in bf16.
 
-Tolerances: the kernel against `fp8_gemm_reference` (the same per-token-group activation rounding, fp32 sums)
-differs by bf16 output rounding (2^-9) and by rare fp8 ties that round the other way: 1e-2. Against bf16
-weights-only math it adds activation rounding (e4m3, ~2.6% rms): 0.06. The real-size model bounds are
-loose (random weights, 36 layers, no trained robustness): they catch a broken kernel or scale layout (~100%).
+Tolerances: a weight-only path (skinny kernel, dequant) against float32 math on the dequantized weight differs
+by bf16 output rounding (2^-9): 1e-2. A W8A8 path (scaled_mm, the Triton W8A8 GEMM) against
+`fp8_gemm_reference` (the same per-token-group activation rounding, fp32 sums) differs by bf16 output rounding
+and by rare fp8 ties that round the other way: 1e-2; against weight-only math it adds activation rounding
+(e4m3, ~2.6% rms): 0.06. The real-size model bounds are loose (random weights, 36 layers, no trained
+robustness): they catch a broken kernel or scale layout (~100%).
 """
 
 from __future__ import annotations
@@ -43,35 +45,86 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def _weights(n, k, g):
+    return quantize_fp8_blockwise(torch.randn(n, k, device=DEV, generator=g) / k ** 0.5)
+
+
+def _weight_only(x, q, s, bias=None):
+    """fp8_linear's reference in float32: the exact dequantized weight, no activation rounding."""
+    return F.linear(x.float(), dequantize_fp8_blockwise(q, s, torch.float32), None if bias is None else bias.float())
+
+
 @pytest.mark.parametrize("m", [1, 3, 16, 64, 65, 256, 2048])
 @pytest.mark.parametrize("n, k", SHAPES)
-def test_gemm_matches_reference(m, n, k):
-    from stepserve.kernels.fp8_gemm import fp8_gemm, fp8_gemm_reference
+def test_fp8_linear_on_cuda_matches_its_path(m, n, k):
+    """fp8_gemm (the layer function's CUDA kernel) per fp8_path: the skinny kernel is weight-only (bf16 output
+    rounding: 1e-2 against the float32 weight-only math); scaled_mm is W8A8 (1e-2 against
+    fp8_gemm_reference, 0.06 against weight-only); dequant is weight-only after a bf16 rounding of W."""
+    from stepserve.kernels.fp8_gemm import fp8_gemm, fp8_gemm_reference, fp8_path, scaled_mm_supported
 
     g = torch.Generator(device=DEV).manual_seed(m * 7 + n)
-    q, s = quantize_fp8_blockwise(torch.randn(n, k, device=DEV, generator=g) / k ** 0.5)
+    q, s = _weights(n, k, g)
     x = torch.randn(m, k, device=DEV, generator=g, dtype=torch.bfloat16) * 3
     bias = torch.randn(n, device=DEV, generator=g, dtype=torch.bfloat16)
     out = fp8_gemm(x, q, s, bias)
     assert out.dtype == torch.bfloat16 and out.shape == (m, n) and torch.isfinite(out).all()
-    assert rel(out, fp8_gemm_reference(x, q, s, bias)) < 1e-2
-    assert rel(out, F.linear(x.float(), dequantize_fp8_blockwise(q, s, torch.float32), bias.float())) < 0.06
+    path = fp8_path(m, n, k, x.dtype, x.device)
+    assert path == ("skinny" if m <= 64 else "scaled_mm" if scaled_mm_supported(x.device) else "dequant")
+    if path == "scaled_mm":
+        assert rel(out, fp8_gemm_reference(x, q, s, bias)) < 1e-2
+        assert rel(out, _weight_only(x, q, s, bias)) < 0.06
+    else:
+        assert rel(out, _weight_only(x, q, s, bias)) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 8, 16, 65, 301])
+def test_prefill_candidates(m):
+    """Each path benchmarks/fp8.py times, on a ragged row count: scaled_mm pads rows to a multiple of 4."""
+    from stepserve.kernels.fp8_gemm import (dequantize_fp8, fp8_gemm_reference, fp8_gemm_w8a8, fp8_scaled_mm,
+                                            scaled_mm_supported)
+
+    g = torch.Generator(device=DEV).manual_seed(m)
+    q, s = _weights(6144, 4096, g)
+    x = torch.randn(m, 4096, device=DEV, generator=g, dtype=torch.bfloat16)
+    bias = torch.randn(6144, device=DEV, generator=g, dtype=torch.bfloat16)
+    w8a8 = fp8_gemm_reference(x, q, s, bias)
+    assert rel(fp8_gemm_w8a8(x, q, s, bias), w8a8) < 1e-2
     if m <= 64:  # the split-K partial sums equal one pass up to fp32 summation order
-        assert rel(fp8_gemm(x, q, s, bias, split_k=1), out) < 1e-2
+        assert rel(fp8_gemm_w8a8(x, q, s, bias, split_k=1), w8a8) < 1e-2
+    assert torch.equal(dequantize_fp8(q, s, torch.bfloat16), dequantize_fp8_blockwise(q, s, torch.bfloat16))
+    if not scaled_mm_supported(x.device):
+        pytest.skip(f"no block-scaled F.scaled_mm in torch {torch.__version__} (CUDA {torch.version.cuda}) here")
+    out = fp8_scaled_mm(x, q, s, bias)
+    assert out.shape == (m, 6144) and rel(out, w8a8) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 8, 64, 300])
+def test_fused_activation_through_the_layer_function(m):
+    """fp8_linear(..., activation="silu_and_mul") on CUDA: fused in the skinny kernel, silu_and_mul after
+    the GEMM above SKINNY_MAX rows."""
+    from stepserve.layers.quant import fp8_linear
+
+    g = torch.Generator(device=DEV).manual_seed(m + 1)
+    q, s = _weights(2 * 12288, 4096, g)
+    x = torch.randn(m, 4096, device=DEV, generator=g, dtype=torch.bfloat16)
+    out = fp8_linear(x, q, s, None, "silu_and_mul")
+    gate, up = _weight_only(x, q, s).chunk(2, dim=-1)
+    assert out.shape == (m, 12288) and rel(out, F.silu(gate) * up) < (1e-2 if m <= 64 else 0.06)
 
 
 def test_gemm_ragged_and_3d():
-    from stepserve.kernels.fp8_gemm import fp8_gemm, fp8_gemm_reference
+    from stepserve.kernels.fp8_gemm import fp8_gemm
 
     g = torch.Generator(device=DEV).manual_seed(0)
     q, s = quantize_fp8_blockwise(torch.randn(1000, 600, device=DEV, generator=g))
-    x = torch.randn(2, 37, 600, device=DEV, generator=g, dtype=torch.bfloat16)
-    out = fp8_gemm(x, q, s)
-    assert out.shape == (2, 37, 1000) and rel(out, fp8_gemm_reference(x, q, s)) < 1e-2
+    for rows in (5, 37):  # skinny, then dequant + cuBLAS (ragged blocks are not for scaled_mm)
+        x = torch.randn(2, rows, 600, device=DEV, generator=g, dtype=torch.bfloat16)
+        out = fp8_gemm(x, q, s)
+        assert out.shape == (2, rows, 1000) and rel(out, _weight_only(x, q, s)) < 1e-2
     assert fp8_gemm(x[:, :0], q, s).shape == (2, 0, 1000)
 
 
-@pytest.mark.parametrize("m", [1, 8, 300])
+@pytest.mark.parametrize("m", [1, 8, 48, 300])
 def test_gemm_graph_replay_equals_eager(m):
     from stepserve.kernels.fp8_gemm import fp8_gemm
 
