@@ -218,6 +218,10 @@ def default_config(M: int, N: int, K: int, num_sms: int, fp8: bool = False, silu
     else:
         cfg = {"use_dot": True, "block_n": 16 // halves, "block_k": 256, "num_stages": 4}
     cfg["num_warps"] = 4
+    if cfg["use_dot"]:  # x's padded tile grows with M: keep the pipeline within ~64 KB, 3+ programs per SM
+        x_rows, w_rows = max(16, triton.next_power_of_2(M)), halves * cfg["block_n"]
+        stage_bytes = cfg["block_k"] * (2 * x_rows + w_rows * (1 if fp8 else 2))
+        cfg["num_stages"] = max(2, min(cfg["num_stages"], (64 << 10) // stage_bytes))
     tiles = triton.cdiv(N, cfg["block_n"])
     k_steps = triton.cdiv(K, cfg["block_k"])
     cfg["split_k"] = 1 if tiles >= num_sms else max(1, min(triton.cdiv(2 * num_sms, tiles), k_steps))
