@@ -165,7 +165,8 @@ def test_bf16_rope_is_within_bf16_rounding(model, configured, view_and_crop):
 
 
 def test_compiled_blocks_share_one_graph_and_match_eager(model, configured):
-    """The blocks trace through the attention op (its fake shape) as one graph for every resolution and batch."""
+    """The blocks trace through the attention op (its fake shape) as one graph for every resolution and batch;
+    packed, a batch of one resolution (one group: dynamo specializes a size-1 dim) is the only second graph."""
     from torch._dynamo.utils import counters
 
     views, crops = images(2, 728, seed=6), images(3, 504, seed=7)
@@ -177,7 +178,8 @@ def test_compiled_blocks_share_one_graph_and_match_eager(model, configured):
         got = model.encode_images(views, crops, [2, 1])
         model.encode_images(views[:1], None, [0])
     torch._dynamo.reset()
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    graphs = 2 if configured.options.packed else 1
+    assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=ATOL, rtol=RTOL)
 

@@ -47,7 +47,7 @@ class VisionOptions:
     """
 
     attention: str = "auto"
-    packed: bool = False
+    packed: bool = True  # measured on the H100: 168.4 vs 172.2 ms for two 1280x720 images (docs/benchmarks.md)
     rope_dtype: torch.dtype = torch.float32
     patch_embed: str = "gemm"
     channels_last: bool = True
