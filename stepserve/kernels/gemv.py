@@ -28,7 +28,8 @@ Rows of W past N re-read row N - 1 (of their half) rather than being masked, so 
 predicate; only the store is masked. With split_k > 1 the K range is cut into that many parts whose float32
 partials a second small kernel sums in a fixed order (deterministic, unlike atomics), then adds the bias
 and applies the activation. The grid depends only on the shapes and the config, and nothing syncs with the
-host: CUDA-graph safe.
+host: CUDA-graph safe. On Hopper both kernels launch with PDL (`stepserve.kernels.pdl`): the register path
+issues its first step's W loads (constant data) before it waits for the kernel that wrote x.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from stepserve.kernels import pdl
 from stepserve.kernels.activation import silu_and_mul
 from stepserve.kernels.paged_attention import _num_sms
 from stepserve.layers.quant import BLOCK as SCALE_BLOCK
@@ -89,7 +91,8 @@ def _block_scale(ws_ptr, first, second, part, kcol, SILU: tl.constexpr):
 def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_wsn, stride_om,
                  stride_split, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, SILU: tl.constexpr,
                  USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, VEC: tl.constexpr, SCALE_BLOCK: tl.constexpr, SPLIT_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, VEC: tl.constexpr, SCALE_BLOCK: tl.constexpr, SPLIT_K: tl.constexpr,
+                 USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     ROWS: tl.constexpr = BLOCK_N * (1 + SILU)
@@ -115,6 +118,8 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, st
         acc = tl.zeros((ROWS, BLOCK_M), tl.float32)
     else:
         acc2 = tl.zeros((ROWS, BLOCK_K // VEC), tl.float32)
+    if USE_DOT:  # the pipeliner issues x's loads with W's ahead of the loop: wait for x's producer first
+        pdl.wait_for_predecessor(USE_PDL)
     for k in range(k_start, k_end, BLOCK_K):
         offs_k = k + cols
         if not USE_DOT:  # VEC values per load however narrow W's values are (see FMA_VEC)
@@ -134,6 +139,8 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, st
             else:
                 acc = tl.dot(w, tl.trans(x), acc)  # [ROWS, BLOCK_M]
         else:  # M == 1
+            if k == k_start:  # the first step's W loads (constant data) are already in flight during the wait
+                pdl.wait_for_predecessor(USE_PDL)
             if EVEN_K:
                 x = tl.load(x_ptr + offs_k)[None, :]
             else:
@@ -150,6 +157,7 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, st
             acc2 += vec_sums
     if not USE_DOT:
         acc = tl.sum(acc2, axis=1)[:, None]  # [ROWS, 1]
+    pdl.wait_for_predecessor(USE_PDL)  # a split with no K steps still stores: it must have waited too
 
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -167,8 +175,9 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, st
 
 @triton.jit
 def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                       SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+                       SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """out[m, n] = sum over splits of part[s, m, n] (+ bias[n]); with SILU, silu(that) * (the same at n + N)."""
+    pdl.wait_for_predecessor(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M * N
     m = offs // N
@@ -194,9 +203,11 @@ def sum_splits(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.Ten
     """out [M, N] = partials [split, M, N * (1 + silu)] summed over splits (+ bias), silu(gate) * up if silu."""
     M, N = out.shape
     has_bias = bias is not None
+    use_pdl = pdl.enabled(out.device)
     _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](partials, bias if has_bias else partials, out, M, N,
                                                     out.stride(0), HAS_BIAS=has_bias, SILU=silu,
-                                                    SPLIT_K=partials.shape[0], BLOCK=1024, num_warps=4)
+                                                    SPLIT_K=partials.shape[0], BLOCK=1024, USE_PDL=use_pdl,
+                                                    num_warps=4, launch_pdl=use_pdl)
 
 
 def default_config(M: int, N: int, K: int, num_sms: int, fp8: bool = False, silu: bool = False) -> dict:
@@ -276,13 +287,14 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         assert not use_dot or SCALE_BLOCK % block_k == 0, block_k
     target = out if split_k == 1 else torch.empty(split_k, M, N * (1 + silu), dtype=torch.float32, device=x.device)
     has_bias = bias is not None
+    use_pdl = pdl.enabled(x.device)
     _gemv_kernel[(triton.cdiv(N, block_n), split_k)](
         x2, weight, weight_scale_inv if fp8 else weight, bias if has_bias else weight, target, M, N, K,
         x2.stride(0), weight.stride(0), weight_scale_inv.stride(0) if fp8 else 0, target.stride(-2),
         M * N * (1 + silu), HAS_BIAS=has_bias, HAS_SCALE=fp8, SILU=silu, USE_DOT=use_dot, EVEN_K=K % block_k == 0,
         BLOCK_M=max(16, triton.next_power_of_2(M)) if use_dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
-        VEC=FMA_VEC, SCALE_BLOCK=SCALE_BLOCK, SPLIT_K=split_k, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        VEC=FMA_VEC, SCALE_BLOCK=SCALE_BLOCK, SPLIT_K=split_k, USE_PDL=use_pdl, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], launch_pdl=use_pdl)
     if split_k > 1:
         sum_splits(target, bias, out, silu)
     return out.view(*x.shape[:-1], N)
