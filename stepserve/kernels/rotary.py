@@ -45,9 +45,10 @@ def _norm_rotate(lo_ptr, mask, w1, w2, eps, cos, sin, HALF: tl.constexpr, NORM: 
 
 
 @triton.jit
-def _to_cache(x, inv_scale, cache_dtype, fp8_max, SATURATE: tl.constexpr):
-    """As `store_kv` converts: divide by the cache scale in x's dtype, saturate for fp8, cast."""
-    x = (x.to(tl.float32) * inv_scale).to(x.dtype)
+def _to_cache(x, scale, cache_dtype, fp8_max, SATURATE: tl.constexpr):
+    """As `store_kv` converts: divide by the cache scale (a correctly rounded float32 division, as torch's,
+    so the value in x's dtype, and the fp8 rounding after it, match the reference), saturate for fp8, cast."""
+    x = tl.math.div_rn(x.to(tl.float32), scale).to(x.dtype)
     if SATURATE:
         x = tl.minimum(tl.maximum(x, -fp8_max), fp8_max)
     return x.to(cache_dtype)
@@ -56,7 +57,7 @@ def _to_cache(x, inv_scale, cache_dtype, fp8_max, SATURATE: tl.constexpr):
 @triton.jit
 def _rope_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_ptr, eps, num_q_heads, num_k_heads,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
-                 cache_ptr, slot_ptr, inv_scale, fp8_max, stride_kv, stride_page, stride_slot, stride_ch,
+                 cache_ptr, slot_ptr, kv_scale, fp8_max, stride_kv, stride_page, stride_slot, stride_ch,
                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
                  NORM: tl.constexpr, STORE: tl.constexpr, PAGE_SIZE: tl.constexpr, SATURATE: tl.constexpr,
                  USE_PDL: tl.constexpr):
@@ -87,13 +88,13 @@ def _rope_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_ptr, eps,
         dst = (cache_ptr + (slot // PAGE_SIZE) * stride_page + (slot % PAGE_SIZE) * stride_slot
                + kv_heads * stride_ch + half_dims[None, :])
         dtype = cache_ptr.dtype.element_ty
-        tl.store(dst, _to_cache(k1, inv_scale, dtype, fp8_max, SATURATE), mask=kv_ok)
-        tl.store(dst + HALF, _to_cache(k2, inv_scale, dtype, fp8_max, SATURATE), mask=kv_ok)
+        tl.store(dst, _to_cache(k1, kv_scale, dtype, fp8_max, SATURATE), mask=kv_ok)
+        tl.store(dst + HALF, _to_cache(k2, kv_scale, dtype, fp8_max, SATURATE), mask=kv_ok)
         v_lo = v_ptr + tok * stride_vt + kv_heads * stride_vh + half_dims[None, :]
         v1 = tl.load(v_lo, mask=kv_ok, other=0.0)
         v2 = tl.load(v_lo + HALF, mask=kv_ok, other=0.0)
-        tl.store(dst + stride_kv, _to_cache(v1, inv_scale, dtype, fp8_max, SATURATE), mask=kv_ok)
-        tl.store(dst + stride_kv + HALF, _to_cache(v2, inv_scale, dtype, fp8_max, SATURATE), mask=kv_ok)
+        tl.store(dst + stride_kv, _to_cache(v1, kv_scale, dtype, fp8_max, SATURATE), mask=kv_ok)
+        tl.store(dst + stride_kv + HALF, _to_cache(v2, kv_scale, dtype, fp8_max, SATURATE), mask=kv_ok)
     else:
         tl.store(k_lo, k1, mask=kv_ok)
         tl.store(k_lo + HALF, k2, mask=kv_ok)
@@ -115,7 +116,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_c
         assert kv_cache.shape[0] == 2 and kv_cache.shape[3:] == k.shape[1:], (kv_cache.shape, k.shape)
         assert kv_cache.stride(-1) == 1 and slot_mapping.shape == (T,) and slot_mapping.stride(0) == 1
         assert kv_cache.element_size() > 1 or kv_cache.dtype == torch.float8_e4m3fn, kv_cache.dtype
-        cache_args = (kv_cache, slot_mapping, 1.0 / kv_scale, torch.finfo(torch.float8_e4m3fn).max,
+        cache_args = (kv_cache, slot_mapping, kv_scale, torch.finfo(torch.float8_e4m3fn).max,
                       *kv_cache.stride()[:4])
         page_size, saturate = kv_cache.shape[2], kv_cache.element_size() == 1
     else:  # STORE off: the cache arguments are never read
