@@ -151,15 +151,15 @@ def test_empty_k_gives_bias(gemv):
 
 def test_cuda_entry_points_route_by_rows(gemv):
     """`linear` and `fp8_gemm` (what the layer functions call on CUDA) against the layer references, fused
-    activation included, across their thresholds: skinny kernel, then (fp8) its tensor-core path to 64 rows,
-    then dequantized W + F.linear (the interpreter has no scaled_mm) and the separate silu_and_mul kernel."""
+    activation included, across their thresholds: the skinny kernel for one row, then F.linear (fp8: the
+    dequantized W, as the interpreter has no scaled_mm) and the separate silu_and_mul kernel."""
     from stepserve.kernels.fp8_gemm import fp8_gemm, fp8_path
     from stepserve.layers.linear import linear
     from stepserve.layers.quant import fp8_linear
 
-    assert [fp8_path(m, 256, 384, torch.float16, torch.device("cpu")) for m in (1, 64, 65)] == \
-        ["skinny", "skinny", "dequant"]
-    for rows in (1, 8, 9, 70):
+    assert [fp8_path(m, 256, 384, torch.float16, torch.device("cpu")) for m in (1, 2, 65)] == \
+        ["skinny", "dequant", "dequant"]
+    for rows in (1, 2, 9, 70):
         for activation in (None, SILU):
             x, w, b, _ = _case(rows, 128, 384, bias=True, silu=activation is not None)
             want = linear.reference(x.float(), w.float(), b.float(), activation)

@@ -32,8 +32,10 @@ from stepserve.kernels.paged_attention import _num_sms
 from stepserve.layers.quant import (BLOCK, FP8_DTYPE, FP8_MAX, cdiv, dequantize_fp8_blockwise,
                                     quantize_fp8_per_token_group)
 
-# Rows up to which the skinny kernel's tensor-core path beats the GEMMs (benchmarks/fp8.py, M = 16 and 64).
-SKINNY_MAX = 64
+# Rows up to which the skinny kernel beats the GEMMs: only its register path does (benchmarks/fp8.py and
+# gemv.py on the H100: a step's four linears x 36 take 5.14 ms through the tensor-core path at M = 16 and
+# 10.6 at 64, against 3.73 and 4.11 through scaled_mm; see kernels/gemv.py SMALL_M_MAX).
+SKINNY_MAX = 1
 SMALL_M = 64  # fp8_gemm_w8a8's decode tiling (one row tile, split-K) up to this many rows
 
 

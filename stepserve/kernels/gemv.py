@@ -47,9 +47,19 @@ from stepserve.kernels.paged_attention import _num_sms
 from stepserve.layers.quant import BLOCK as SCALE_BLOCK
 from stepserve.layers.quant import FP8_DTYPE, dequantize_fp8_blockwise
 
-SMALL_M_MAX = 8  # decode batches up to this many rows take the skinny kernel (`linear`, `fp8_linear` on CUDA)
+# Decode batches up to this many rows take the skinny kernel (`linear`, `fp8_linear` on CUDA). Measured on the
+# H100 as one CUDA graph of a decode step's linears (benchmarks/gemv.py, docs/benchmarks.md): at one row the
+# register path wins (bf16 4.91 ms vs cuBLAS 5.77; fp8 2.93 ms); from 4 rows cuBLAS (bf16 5.78 ms vs 5.93,
+# 6.61 with the fused SiLU) and cuBLAS's block-scaled fp8 GEMM (3.73 ms at 16 rows vs 5.2) beat the
+# tensor-core path, which stays for the benchmarks' comparisons.
+SMALL_M_MAX = 1
 MAX_ROWS = 64  # what the tensor-core path accepts at all (benchmarks/fp8.py tries it above SMALL_M_MAX)
 ACTIVATIONS = (None, "silu_and_mul")
+# fp8 register-path configs that beat the rule at M = 1 on the H100, by (N, K) of Step3-VL-10B's decoder
+# (benchmarks/gemv.py --sweep --fp8: qkv 11.2 -> 9.3 us, o_proj 6.9 -> 6.5, down 18.6 -> 17.6; a step's fp8
+# linears 2.53 -> 2.41 ms). 8-byte fp8 loads keep less in flight per program than bf16's 16-byte ones, so
+# these shapes want more programs (block_n 4) or more, shorter steps (block_k 1024).
+FP8_M1_TUNED = {(6144, 4096): {"block_k": 1024}, (4096, 4096): {"block_n": 4}, (4096, 12288): {"block_n": 4}}
 # The register path loads 8 values of W per thread at a time (16 bytes of bf16, 8 of fp8), as many as one
 # 16-byte load of x: W and x then share a layout. 16 fp8 values per load would give W a layout of its own and
 # move x through shared memory on every step.
@@ -219,7 +229,10 @@ def default_config(M: int, N: int, K: int, num_sms: int, fp8: bool = False, silu
     the last wave is short. Larger M takes the tensor-core path with 16 rows per program (32 for fp8, whose
     steps are at most 128 wide: one scale column each). Split-K only where programs < SMs."""
     halves = 2 if silu else 1
-    if M == 1:
+    if M == 1 and fp8 and (N, K) in FP8_M1_TUNED:
+        cfg = {"use_dot": False, "block_n": 8, "block_k": 2 * FMA_K_PER_WARP * 4, "num_stages": 1}
+        cfg |= FP8_M1_TUNED[(N, K)]
+    elif M == 1:
         # Two loads per row per thread: ptxas then issues 14-16 of a step's 16 loads of W before the first
         # product: ~28 KB in flight per program in bf16 (16-byte loads; 120 registers, 4 programs per SM),
         # 16 KB in fp8 (8-byte loads; 96-103 registers, 4-5 per SM). See NOTES-gemv.md.

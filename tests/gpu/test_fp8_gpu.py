@@ -109,7 +109,10 @@ def test_fused_activation_through_the_layer_function(m):
     x = torch.randn(m, 4096, device=DEV, generator=g, dtype=torch.bfloat16)
     out = fp8_linear(x, q, s, None, "silu_and_mul")
     gate, up = _weight_only(x, q, s).chunk(2, dim=-1)
-    assert out.shape == (m, 12288) and rel(out, F.silu(gate) * up) < (1e-2 if m <= 64 else 0.06)
+    from stepserve.kernels.fp8_gemm import SKINNY_MAX
+
+    # Weight-only in the skinny kernel; above it the GEMM quantizes x per 128 columns too.
+    assert out.shape == (m, 12288) and rel(out, F.silu(gate) * up) < (1e-2 if m <= SKINNY_MAX else 0.06)
 
 
 def test_gemm_ragged_and_3d():
@@ -117,7 +120,7 @@ def test_gemm_ragged_and_3d():
 
     g = torch.Generator(device=DEV).manual_seed(0)
     q, s = quantize_fp8_blockwise(torch.randn(1000, 600, device=DEV, generator=g))
-    for rows in (5, 37):  # skinny, then dequant + cuBLAS (ragged blocks are not for scaled_mm)
+    for rows in (1, 37):  # skinny, then dequant + cuBLAS (ragged blocks are not for scaled_mm)
         x = torch.randn(2, rows, 600, device=DEV, generator=g, dtype=torch.bfloat16)
         out = fp8_gemm(x, q, s)
         assert out.shape == (2, rows, 1000) and rel(out, _weight_only(x, q, s)) < 1e-2
