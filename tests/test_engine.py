@@ -147,14 +147,15 @@ def test_warm_up_leaves_no_trace(llm, caplog):
     stats, rng = engine.stats(), random.getstate()
     with caplog.at_level(logging.INFO, logger="stepserve.engine.engine"):
         engine.warm_up()
-    assert re.search(r"warm-up: 2 requests of \d+ prompt tokens with 1 image\(s\), 4 output tokens each", caplog.text)
-    assert [(im.size, im.num_crops) for im in encoded] == [((1280, 720), 6)]  # the second reuses its cached prefix
+    assert re.search(r"warm-up: requests of \d+ tokens with 2 image\(s\) and \d+ tokens with 1 image\(s\), "
+                     r"4 output tokens each", caplog.text)
+    assert [(im.size, im.num_crops) for im in encoded] == [((1280, 720), 6)] * 3
     assert engine.stats() == stats and random.getstate() == rng  # unseeded requests still draw the same seeds
     assert not engine.has_work() and not engine.seqs and engine.num_finished == 0
     assert not engine.pool.page_of and not engine.pool.evictable and len(engine.runner.encoder_cache) == 0
     engine.pool.check_invariants()
     # The warm-up's own prompt again: nothing of it was kept, so it is computed and encoded from scratch.
-    ids, images = engine.encode_prompt(WARMUP_PROMPT, [_warmup_image()])
+    ids, images = engine.encode_prompt(WARMUP_PROMPT.format("<im_patch>"), [_warmup_image(2)])
     engine.add_request("again", ids, images, GREEDY)
     while engine.has_work():
         outputs = engine.step()

@@ -34,15 +34,15 @@ from stepserve.testing import TINY_MODEL_NAME
 log = logging.getLogger(__name__)
 
 
-WARMUP_PROMPT = "<im_patch>Describe this picture in one sentence."
+WARMUP_PROMPT = "Describe {} in one sentence."
 WARMUP_TOKENS = 4
 WARMUP_SIZE = (1280, 720)  # the benchmarks' image: a global view and 3 x 2 crops
 
 
-def _warmup_image() -> Image.Image:
+def _warmup_image(seed: int) -> Image.Image:
     """Noise, so it compresses nothing away and matches no user's image."""
     w, h = WARMUP_SIZE
-    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 def _model_limits(model_dir: Path) -> tuple[int, list[int]]:
@@ -116,17 +116,24 @@ class Engine:
         requests, as they were.
         """
         start = time.perf_counter()
-        ids, images = self.encode_prompt(WARMUP_PROMPT, [_warmup_image()])
-        if len(ids) + WARMUP_TOKENS >= self.context_length:  # too short a context for the image: text only
-            ids, images = self.encode_prompt(WARMUP_PROMPT.replace("<im_patch>", ""), [])
         greedy = SamplingParams(temperature=0.0, seed=0, max_tokens=WARMUP_TOKENS, ignore_eos=True)
-        for i, params in enumerate([greedy, dataclasses.replace(greedy, temperature=1.0, top_p=0.9)]):
+        # Two images then one: the vision batch shapes of the seed's benchmarks (2 views + 12 crops) and of a
+        # one-image request (inductor may specialize a batch of one view).
+        requests = [([_warmup_image(0), _warmup_image(1)], greedy),
+                    ([_warmup_image(2)], dataclasses.replace(greedy, temperature=1.0, top_p=0.9))]
+        shapes = []
+        for i, (pictures, params) in enumerate(requests):
+            ids, images = self.encode_prompt(WARMUP_PROMPT.format(" and ".join(["<im_patch>"] * len(pictures))),
+                                             pictures)
+            if len(ids) + WARMUP_TOKENS >= self.context_length:  # too short a context for images: text only
+                ids, images = self.encode_prompt(WARMUP_PROMPT.format("a picture"), [])
             self.add_request(f"warmup-{i}", ids, images, params)
             while self.has_work():
                 self.step()
+            shapes.append(f"{len(ids)} tokens with {len(images)} image(s)")
         self._reset_state()
-        log.info("warm-up: 2 requests of %d prompt tokens with %d image(s), %d output tokens each, in %.2f s",
-                 len(ids), len(images), WARMUP_TOKENS, time.perf_counter() - start)
+        log.info("warm-up: requests of %s, %d output tokens each, in %.2f s", " and ".join(shapes), WARMUP_TOKENS,
+                 time.perf_counter() - start)
 
     # -- requests ---------------------------------------------------------------------------------
     def encode_prompt(self, text: str, images: list) -> tuple[list[int], list[ImageInput]]:

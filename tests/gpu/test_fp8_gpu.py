@@ -60,7 +60,7 @@ def test_fp8_linear_on_cuda_matches_its_path(m, n, k):
     """fp8_gemm (the layer function's CUDA kernel) per fp8_path: the skinny kernel is weight-only (bf16 output
     rounding: 1e-2 against the float32 weight-only math); scaled_mm is W8A8 (1e-2 against
     fp8_gemm_reference, 0.06 against weight-only); dequant is weight-only after a bf16 rounding of W."""
-    from stepserve.kernels.fp8_gemm import fp8_gemm, fp8_gemm_reference, fp8_path, scaled_mm_supported
+    from stepserve.kernels.fp8_gemm import SKINNY_MAX, fp8_gemm, fp8_gemm_reference, fp8_path, scaled_mm_supported
 
     g = torch.Generator(device=DEV).manual_seed(m * 7 + n)
     q, s = _weights(n, k, g)
@@ -69,7 +69,7 @@ def test_fp8_linear_on_cuda_matches_its_path(m, n, k):
     out = fp8_gemm(x, q, s, bias)
     assert out.dtype == torch.bfloat16 and out.shape == (m, n) and torch.isfinite(out).all()
     path = fp8_path(m, n, k, x.dtype, x.device)
-    assert path == ("skinny" if m <= 64 else "scaled_mm" if scaled_mm_supported(x.device) else "dequant")
+    assert path == ("skinny" if m <= SKINNY_MAX else "scaled_mm" if scaled_mm_supported(x.device) else "dequant")
     if path == "scaled_mm":
         assert rel(out, fp8_gemm_reference(x, q, s, bias)) < 1e-2
         assert rel(out, _weight_only(x, q, s, bias)) < 0.06
