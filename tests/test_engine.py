@@ -4,7 +4,9 @@ import logging
 import random
 import re
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from stepserve import LLM, SamplingParams
@@ -171,3 +173,23 @@ def test_warm_up_without_room_for_the_image_runs_text_only(caplog):
         engine.warm_up()
     assert "with 0 image(s)" in caplog.text
     assert engine.stats()["num_kv_pages_free"] == engine.stats()["num_kv_pages_total"] and not engine.pool.page_of
+
+
+def test_vision_runs_in_bounded_passes(llm, monkeypatch):
+    """Many images in one step go through the tower a few at a time, with the same embeddings as one pass."""
+    from stepserve.engine import model_runner
+
+    runner = llm.engine.runner
+    pictures = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
+                for i, (w, h) in enumerate([(1280, 720), (300, 200), (900, 700), (640, 480)])]
+    images = [llm.engine.image_processor(p) for p in pictures]
+    calls = []
+    encode_images = runner.model.encode_images
+    monkeypatch.setattr(runner.model, "encode_images", lambda *a: calls.append(len(a[2])) or encode_images(*a))
+    with torch.inference_mode():
+        whole = runner.encode(images)
+        monkeypatch.setattr(model_runner, "VISION_ROWS_PER_PASS", images[0].num_feature_rows + 1)
+        split = runner.encode(images)
+    assert calls[0] == 4 and sum(calls[1:]) == 4 and len(calls) > 2
+    for a, b in zip(whole, split, strict=True):
+        torch.testing.assert_close(a, b)
