@@ -56,8 +56,7 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-                # Warm up: compile kernels and allocate persistent workspaces (decode attention's zeroed
-                # split counters) outside the capture.
+                # Warm up: compile kernels and let cuBLAS pick its workspaces outside the capture.
                 self._forward(bs)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
