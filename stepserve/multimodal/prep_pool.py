@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import multiprocessing
 import os
+import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from stepserve.multimodal.image_io import ImageSource, fetch_image_bytes, is_http_url, load_image
 from stepserve.multimodal.processor import ImageInput, ImageProcessor, ImageTokenIds
@@ -43,6 +46,13 @@ def _init_worker(token_ids: ImageTokenIds) -> None:
     global _PROCESSOR
     torch.set_num_threads(1)  # one image per process; several processes already use the cores
     _PROCESSOR = ImageProcessor(token_ids)
+
+
+def _warm_worker() -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (1280, 720), (90, 120, 150)).save(buf, format="PNG")
+    _PROCESSOR(load_image(buf.getvalue()))
+    time.sleep(0.05)  # stay busy a moment, so each of the start-up's tasks lands on a different worker
 
 
 def _load_and_process(processor: ImageProcessor, source: ImageSource, limits: ImageLimits,
@@ -72,9 +82,10 @@ class ImagePrepPool:
             self._executor = ThreadPoolExecutor(4, thread_name_prefix="stepserve-image")
 
     def start(self) -> None:
-        """Start every worker now (each imports torch: seconds), not on the first request."""
+        """Start every worker now (each imports torch: seconds) and run one image through each, so the first
+        requests do not pay a worker's first PNG decode and torch CPU ops (lazy library and thread-pool set-up)."""
         if self.workers > 0:
-            for f in [self._executor.submit(os.getpid) for _ in range(self.workers)]:
+            for f in [self._executor.submit(_warm_worker) for _ in range(self.workers)]:
                 f.result()
 
     async def prepare(self, source: ImageSource, param: str | None) -> ImageInput:
