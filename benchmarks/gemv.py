@@ -65,6 +65,19 @@ def weight_sets(N: int, K: int, fp8: bool) -> list[tuple[torch.Tensor, torch.Ten
     return [random_weight(N, K, fp8) for _ in range(max(1, math.ceil(ROTATE_BYTES / w_bytes(N, K, fp8))))]
 
 
+
+def replay_ms(graph: torch.cuda.CUDAGraph) -> float:
+    """Median over REPLAYS of one replay of `graph`, in ms (CUDA events)."""
+    times = []
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
 def graph_us(fn, x: torch.Tensor, sets: list) -> float:
     """Median per-call time of a CUDA graph of fn(x, set) calls cycling over the weight sets."""
     per_call = w_bytes(*sets[0][0].shape, sets[0][1] is not None)
@@ -76,16 +89,9 @@ def graph_us(fn, x: torch.Tensor, sets: list) -> float:
         for i in range(calls):
             fn(x, sets[i % len(sets)])
     graph.replay()
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
+    us = replay_ms(graph) * 1e3 / calls
     del graph
-    return statistics.median(times)
+    return us
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -174,16 +180,8 @@ def decode_step(results: dict) -> None:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     step()
-                times = []
-                for _ in range(REPLAYS):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    graph.replay()
-                    end.record()
-                    torch.cuda.synchronize()
-                    times.append(start.elapsed_time(end))
+                ms, floor_ms = replay_ms(graph), floor_bytes / BANDWIDTH * 1e3
                 del graph
-                ms, floor_ms = statistics.median(times), floor_bytes / BANDWIDTH * 1e3
                 results[f"{vname} M{M}"] = {"ms": ms, "floor_ms": floor_ms, "floor_frac": floor_ms / ms}
                 print(f"  {vname:28s} M={M}: {ms:6.3f} ms (floor {floor_ms:.3f} ms, {100 * floor_ms / ms:.0f}%)",
                       flush=True)

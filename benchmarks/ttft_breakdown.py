@@ -22,6 +22,7 @@ from stepserve.config import EngineConfig
 from stepserve.engine.engine import Engine
 from stepserve.engine.sampling_params import SamplingParams
 from stepserve.multimodal.image_io import load_image
+from stepserve.multimodal.processor import expand_prompt
 from stepserve.testing import real_dummy_checkpoint
 
 
@@ -39,8 +40,6 @@ def one_request(engine: Engine, urls: list[str], text_ids: list[int], rid: str, 
     inputs = [engine.image_processor(im) for im in images]
     t["preprocess"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    from stepserve.multimodal.processor import expand_prompt
-
     ids = expand_prompt(text_ids[:64] + [engine.image_token_id] * len(inputs) + text_ids[64:], inputs,
                         engine.image_token_id)
     engine.add_request(rid, ids, inputs, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))

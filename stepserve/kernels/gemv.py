@@ -229,14 +229,13 @@ def default_config(M: int, N: int, K: int, num_sms: int, fp8: bool = False, silu
     the last wave is short. Larger M takes the tensor-core path with 16 rows per program (32 for fp8, whose
     steps are at most 128 wide: one scale column each). Split-K only where programs < SMs."""
     halves = 2 if silu else 1
-    if M == 1 and fp8 and (N, K) in FP8_M1_TUNED:
-        cfg = {"use_dot": False, "block_n": 8, "block_k": 2 * FMA_K_PER_WARP * 4, "num_stages": 1}
-        cfg |= FP8_M1_TUNED[(N, K)]
-    elif M == 1:
+    if M == 1:
         # Two loads per row per thread: ptxas then issues 14-16 of a step's 16 loads of W before the first
         # product: ~28 KB in flight per program in bf16 (16-byte loads; 120 registers, 4 programs per SM),
         # 16 KB in fp8 (8-byte loads; 96-103 registers, 4-5 per SM). See NOTES-gemv.md.
         cfg = {"use_dot": False, "block_n": 8 // halves, "block_k": 2 * FMA_K_PER_WARP * 4, "num_stages": 1}
+        if fp8 and not silu:
+            cfg |= FP8_M1_TUNED.get((N, K), {})
     elif fp8:
         cfg = {"use_dot": True, "block_n": 32 // halves, "block_k": 128, "num_stages": 6}
     else:
