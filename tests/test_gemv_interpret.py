@@ -170,3 +170,95 @@ def test_cuda_entry_points_route_by_rows(gemv):
             got = fp8_gemm(x.view(1, rows, -1), q, scale, b, activation)
             assert got.shape == (1, *want.shape)
             assert ((got[0].float() - want).norm() / want.norm()).item() < 2e-3, (rows, activation)
+
+
+# --- the residual stream fused in (kernels.gemv.fused_linear, layers.linear.project) -------------------------
+
+def _partials(h: torch.Tensor, parts: int) -> torch.Tensor:
+    """h's sum of squares cut into `parts` float32 partial sums, as a producer GEMV leaves them."""
+    return torch.stack([c.float().pow(2).sum() for c in h.reshape(-1).tensor_split(parts)])
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("activation,split_k", [(None, 1), (None, 3), (SILU, 1)])
+def test_norm_prologue(gemv, fp8, activation, split_k):
+    N, K = (128, 300) if fp8 else (37, 100)
+    h, w, b, scale = _case(1, N, K, bias=activation is None, fp8=fp8, silu=activation is not None)
+    h = h * 4  # rms far from 1: a missing normalization cannot pass
+    norm_w = (torch.rand(K) + 0.5).half()
+    for parts in (1, 7):
+        got = gemv.linear_small_m(h, w, b, weight_scale_inv=scale, activation=activation,
+                                  norm=(norm_w, 1e-6, _partials(h, parts)), **REGISTER, split_k=split_k)
+        ref = gemv.linear_small_m_reference(h, w, b, weight_scale_inv=scale, activation=activation,
+                                            norm=(norm_w, 1e-6))
+        assert ((got.double() - ref.double()).norm() / ref.double().norm()).item() < 2e-3
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_residual_epilogue(gemv, fp8):
+    N, K = (256, 300) if fp8 else (37, 100)
+    x, w, b, scale = _case(1, N, K, bias=True, fp8=fp8)
+    residual = torch.randn(1, N, dtype=torch.float16) * 3
+    tiles = triton.cdiv(N, REGISTER["block_n"])
+    sumsq = torch.full((tiles,), float("nan"))
+    out = gemv.linear_small_m(x, w, b, weight_scale_inv=scale, residual=residual, sumsq_out=sumsq, **REGISTER,
+                              split_k=1)
+    ref = gemv.linear_small_m_reference(x, w, b, weight_scale_inv=scale, residual=residual)
+    assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() < 1e-3
+    assert torch.allclose(sumsq.sum(), out.float().pow(2).sum(), rtol=1e-5)  # of the stored (rounded) sum
+    with pytest.raises(ValueError):
+        gemv.linear_small_m(x, w, b, weight_scale_inv=scale, residual=residual, sumsq_out=sumsq, **REGISTER, split_k=2)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fused_linear_chain_and_when_it_declines(gemv, fp8):
+    """o_proj with the add, then gate_up reading the new stream through the next norm: the decoder's chain."""
+    H, I = 256, 128
+    a, wo, _, so = _case(1, H, H, fp8=fp8)
+    _, wgu, _, sgu = _case(1, I, H, fp8=fp8, silu=True)
+    stream = torch.randn(1, H, dtype=torch.float16) * 3
+    norm_w = (torch.rand(H) + 0.5).half()
+    h, sumsq = gemv.fused_linear(a, wo, weight_scale_inv=so, residual=stream)
+    assert sumsq.shape == (gemv.row_tiles(H, H, fp8, False, a.device),)
+    g = gemv.fused_linear(h, wgu, weight_scale_inv=sgu, activation=SILU, norm=(norm_w, 1e-6, sumsq))
+    h_ref = gemv.linear_small_m_reference(a, wo, weight_scale_inv=so, residual=stream)
+    g_ref = gemv.linear_small_m_reference(h_ref, wgu, weight_scale_inv=sgu, activation=SILU, norm=(norm_w, 1e-6))
+    assert torch.equal(h, h_ref) or ((h.double() - h_ref.double()).norm() / h_ref.double().norm()).item() < 1e-3
+    assert ((g.double() - g_ref.double()).norm() / g_ref.double().norm()).item() < 2e-3
+    assert gemv.fused_linear(a.expand(2, H), wo, weight_scale_inv=so, residual=stream.expand(2, H)) is None
+    assert gemv.fused_linear(a.float(), wo.float() if not fp8 else wo, weight_scale_inv=so) is None
+
+
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_decoder_steps_with_fused_norms_match_unfused(gemv, tiny_model_dir, monkeypatch, quantization):
+    """The tiny decoder in float16 decodes one row at a time with the norms and adds taken by the GEMV (the CUDA
+    path, here on the interpreter) and without: the same logits up to float16 rounding, and the GEMV really
+    took them (every linear but lm_head and layer 0's qkv, whose input norm reads the embeddings)."""
+    from test_qwen3 import Paged, prompt
+
+    from stepserve.layers import dispatch, linear
+    from stepserve.loader import load_model
+    from stepserve.testing import attach_kv_cache
+
+    model = load_model(tiny_model_dir, torch.float16, "cpu", quantization=quantization)
+    attach_kv_cache(model, 128, 4)
+    calls = []
+
+    def fused(*args, **kwargs):
+        out = gemv.fused_linear(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    paged, tokens = Paged(), prompt(9, seed=3)
+    plain, fast = paged.step(model, {"plain": tokens}), paged.step(model, {"fast": tokens})
+    assert torch.equal(plain["plain"], fast["fast"])  # prefill: 9 rows, nothing fused
+    for t in prompt(4, seed=4):
+        want = paged.step(model, {"plain": [t]})["plain"]
+        with monkeypatch.context() as m:
+            m.setattr(linear, "kernel_for", lambda name, x: fused if name == "fused_linear" else None)
+            got = paged.step(model, {"fast": [t]})["fast"]
+        assert ((got - want).norm() / want.norm()).item() < 5e-3
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+    layers = model.text_config.num_hidden_layers
+    assert len(calls) == 4 * (4 * layers - 1) and all(calls)  # four linears a layer, 4 steps
+    assert dispatch.kernel_for("fused_linear", torch.zeros(1)) is None  # CPU tensors never get a kernel

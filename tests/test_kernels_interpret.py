@@ -240,10 +240,10 @@ def test_install_registers_every_layer_function():
                  "apply_rotary": rope_ref.apply_rotary, "qk_norm_rope": rope_ref.qk_norm_rope,
                  "qk_norm_rope_store_kv": attention.qk_norm_rope_store_kv, "silu_and_mul": act_ref.silu_and_mul,
                  "fp8_linear": quant.fp8_linear, "linear": linear.linear}
-    assert set(kernels.LAYER_KERNELS) == set(layer_fns)
+    assert set(kernels.LAYER_KERNELS) == set(layer_fns) | {"fused_linear"}  # the fusion has no reference
     kernels.install_triton_kernels()
     try:
-        assert all(dispatch._KERNELS[name] is kernels.LAYER_KERNELS[name] for name in layer_fns)
+        assert all(dispatch._KERNELS[name] is fn for name, fn in kernels.LAYER_KERNELS.items())
         assert attention.attention_backend() is kernels.paged_attention
         x = torch.randn(2, 8)
         assert torch.equal(norm_ref.rms_norm(x, torch.ones(8), 1e-6),
@@ -251,4 +251,21 @@ def test_install_registers_every_layer_function():
     finally:
         kernels.install_triton_kernels(enable=False)
     assert attention.attention_backend() is paged_attention_reference
-    assert not any(name in dispatch._KERNELS for name in layer_fns)
+    assert not any(name in dispatch._KERNELS for name in kernels.LAYER_KERNELS)
+
+
+def test_watch_compiles_logs_later_builds(caplog):
+    from stepserve.kernels.compile_log import watch_compiles
+
+    runtime = triton.knobs.runtime
+    watch_compiles()
+    try:
+        hook_args = dict(key="k", repr="_gemv_kernel[num_warps=4](x_ptr: *bf16)", fn=None, compile={},
+                         is_manual_warmup=False, already_compiled=False)
+        assert runtime.jit_cache_hook(**hook_args) is False  # never asks Triton to skip the build
+        with caplog.at_level("WARNING", logger="stepserve.kernels.compile_log"):
+            runtime.jit_post_compile_hook(**hook_args)
+        assert "built a Triton kernel after start-up" in caplog.text and "_gemv_kernel" in caplog.text
+    finally:
+        watch_compiles(enable=False)
+    assert runtime.jit_cache_hook is None and runtime.jit_post_compile_hook is None

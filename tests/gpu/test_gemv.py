@@ -130,3 +130,55 @@ def test_cuda_graph_replays_new_inputs(M, activation, config, fp8):
         torch.cuda.synchronize()
         ref = linear_small_m_reference(x, w, weight_scale_inv=scale, activation=activation)
         assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fused_residual_stream_chain(fp8):
+    """One decoder layer's linears at real shapes as the batch-1 step runs them (kernels.gemv.fused_linear):
+    qkv reads the stream through the input norm, o_proj adds into the stream, gate_up reads it through the
+    post-attention norm, down adds again; against the unfused references, eagerly and replayed in a CUDA graph
+    (PDL on Hopper: each GEMV reads the previous one's sums of squares after its wait)."""
+    from stepserve.kernels.gemv import fused_linear
+
+    def weights(n, k):
+        _, w, _, scale = _inputs(1, n, k, fp8=fp8)
+        return w, scale
+
+    (wqkv, sqkv), (wo, so), (wgu, sgu), (wd, sd) = (weights(6144, HIDDEN), weights(HIDDEN, HIDDEN),
+                                                    weights(2 * INTER, HIDDEN), weights(HIDDEN, INTER))
+    norm1, norm2 = (torch.rand(HIDDEN, device=DEV) + 0.5).bfloat16(), (torch.rand(HIDDEN, device=DEV) + 0.5).bfloat16()
+    h = torch.randn(1, HIDDEN, device=DEV, dtype=torch.bfloat16) * 4
+    attn = torch.randn(1, HIDDEN, device=DEV, dtype=torch.bfloat16)
+    sumsq = h.float().pow(2).sum().reshape(1)
+
+    def fused():
+        qkv = fused_linear(h, wqkv, weight_scale_inv=sqkv, norm=(norm1, 1e-6, sumsq))
+        h1, s1 = fused_linear(attn, wo, weight_scale_inv=so, residual=h)
+        g = fused_linear(h1, wgu, weight_scale_inv=sgu, activation=SILU, norm=(norm2, 1e-6, s1))
+        h2, s2 = fused_linear(g, wd, weight_scale_inv=sd, residual=h1)
+        return qkv, h1, g, h2, s2
+
+    def reference():
+        qkv = linear_small_m_reference(h, wqkv, weight_scale_inv=sqkv, norm=(norm1, 1e-6))
+        h1 = linear_small_m_reference(attn, wo, weight_scale_inv=so, residual=h)
+        g = linear_small_m_reference(h1, wgu, weight_scale_inv=sgu, activation=SILU, norm=(norm2, 1e-6))
+        h2 = linear_small_m_reference(g, wd, weight_scale_inv=sd, residual=h1)
+        return qkv, h1, g, h2
+
+    def check(got):
+        for name, a, b in zip(("qkv", "h1", "gate_up", "h2"), got, reference()):
+            err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+            assert err < 1e-2, (name, err)
+        assert torch.allclose(got[4].sum(), got[3].float().pow(2).sum(), rtol=1e-4)
+
+    check(fused())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = fused()
+    for _ in range(2):
+        h.copy_(torch.randn_like(h) * 3)
+        attn.copy_(torch.randn_like(attn))
+        sumsq.copy_(h.float().pow(2).sum().reshape(1))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(outs)
