@@ -85,6 +85,7 @@ def test_metrics(tok):
     assert 'stepserve_requests_total{route="/v1/chat/completions",status="200"} 1.0' in text
     assert 'stepserve_requests_total{route="/v1/chat/completions",status="400"} 1.0' in text
     assert "stepserve_time_to_first_token_seconds_count 1.0" in text
+    assert "stepserve_request_prepare_seconds_count 1.0" in text  # the 400 never reached the engine
     assert "stepserve_e2e_request_latency_seconds_count 1.0" in text
     assert "stepserve_kv_cache_usage 0.25" in text and "stepserve_image_cache_hit_rate 0.75" in text
     assert "stepserve_generation_tokens_total" in text and "stepserve_num_waiting_reqs 0.0" in text

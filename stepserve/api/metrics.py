@@ -32,7 +32,10 @@ class Metrics:
         self.prompt_tokens = Counter(p + "prompt_tokens", "prompt tokens (text + image) of finished requests",
                                      registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "generated tokens", registry=r)
-        self.ttft = Histogram(p + "time_to_first_token_seconds", "time to the first output token",
+        self.prepare = Histogram(p + "request_prepare_seconds", "arrival to the engine: body parsing, chat "
+                                 "template, image decoding and preprocessing, tokenization", buckets=_LATENCY_BUCKETS,
+                                 registry=r)
+        self.ttft = Histogram(p + "time_to_first_token_seconds", "arrival to the first output token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram(p + "time_per_output_token_seconds", "mean time between output tokens per request",
                               buckets=_TPOT_BUCKETS, registry=r)

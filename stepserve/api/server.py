@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -104,11 +105,13 @@ def build_app(args: ServerArgs, engine) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await serving.chat(await body_of(request, P.ChatCompletionRequest), request)
+        arrival = time.monotonic()  # before the body is read: the latency metrics include receiving and parsing it
+        return await serving.chat(await body_of(request, P.ChatCompletionRequest), request, arrival)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await serving.completion(await body_of(request, P.CompletionRequest), request)
+        arrival = time.monotonic()
+        return await serving.completion(await body_of(request, P.CompletionRequest), request, arrival)
 
     @app.get("/v1/models")
     async def models(request: Request):

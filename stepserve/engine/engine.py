@@ -90,6 +90,9 @@ class Engine:
         self._reset_state()
         if self.device.type == "cuda":
             self.warm_up()
+            from stepserve.kernels.compile_log import watch_compiles
+
+            watch_compiles()
         log.info("engine ready in %.1fs: %s on %s (%s), context %d, %d KV pages", time.perf_counter() - start,
                  self.model_name, self.device, self.dtype, self.context_length, self.runner.num_pages)
 
