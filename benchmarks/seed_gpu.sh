@@ -31,7 +31,7 @@ if has ttft; then
 fi
 BENCH="python3 -m stepserve.bench_serving --backend sglang-oai-chat --host 127.0.0.1 --port 30000 \
   --model stepfun-ai/Step3-VL-10B --tokenizer $MODEL_DIR --dataset-name image --image-count 2 \
-  --image-resolution 720p --random-input-len 128 --random-output-len 1024 --disable-tqdm"
+  --image-resolution 720p --random-input-len 128 --random-output-len 1024 --disable-tqdm --output-details"
 if has latency || has throughput; then
   python3 -m stepserve.launch_server --model "$MODEL_DIR" --load-format dummy --served-model-name stepfun-ai/Step3-VL-10B \
     --host 127.0.0.1 --port 30000 --context-length 32768 ${SERVER_FLAGS:-} > "$OUT/server.log" 2>&1 &
