@@ -104,6 +104,28 @@ def profile_steps(engine: Engine, bs: int, prompt_len: int, steps: int = 64, cpr
     return med
 
 
+def ablate(engine: Engine, sizes: list[int]) -> None:
+    """Graph replays with each decode fusion turned off in turn (graphs recaptured for each variant)."""
+    from stepserve.kernels import gemv, paged_attention
+    from stepserve.layers.dispatch import register_kernel
+
+    min_keys = paged_attention.MIN_SPLIT_KEYS
+    late = gemv.NORM_LATE
+    variants = {"as is": (True, min_keys, late), "norm applied late": (True, min_keys, not late),
+                "no fused norms": (False, min_keys, late), "64-key splits": (True, 64, late),
+                "neither": (False, 64, late)}
+    for name, (fused, keys, norm_late) in variants.items():
+        register_kernel("fused_linear", gemv.fused_linear if fused else None)
+        paged_attention.MIN_SPLIT_KEYS = keys
+        gemv.NORM_LATE = norm_late
+        engine.runner.capture_graphs(engine.context_length)
+        print(json.dumps({"variant": name, **{f"replay_ms_b{bs}": round(replay_ms(engine, bs), 3) for bs in sizes}}))
+    register_kernel("fused_linear", gemv.fused_linear)
+    paged_attention.MIN_SPLIT_KEYS = min_keys
+    gemv.NORM_LATE = late
+    engine.runner.capture_graphs(engine.context_length)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", default="1,16,64")
@@ -111,6 +133,8 @@ def main() -> None:
     ap.add_argument("--cprofile", action="store_true", help="print the host functions' own time (largest batch)")
     ap.add_argument("--compare-linear", action="store_true",
                     help="also time the graph replays with cuBLAS for the decode linears instead of the skinny kernel")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also time the replays without the GEMV-fused norms and with 64-key KV splits")
     ap.add_argument("--kernels", action="store_true", help="per-kernel GPU time of one graph replay (torch.profiler)")
     ap.add_argument("--quantization", default=None, help="fp8: block-fp8 decoder linears")
     args = ap.parse_args()
@@ -125,6 +149,8 @@ def main() -> None:
         if args.kernels:
             row["kernels"] = kernel_table(engine, bs)
         rows.append(row)
+    if args.ablate:
+        ablate(engine, sizes)
     if args.compare_linear:
         from stepserve.layers.dispatch import register_kernel
 

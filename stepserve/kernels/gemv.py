@@ -60,6 +60,9 @@ ACTIVATIONS = (None, "silu_and_mul")
 # linears 2.53 -> 2.41 ms). 8-byte fp8 loads keep less in flight per program than bf16's 16-byte ones, so
 # these shapes want more programs (block_n 4) or more, shorter steps (block_k 1024).
 FP8_M1_TUNED = {(6144, 4096): {"block_k": 1024}, (4096, 4096): {"block_n": 4}, (4096, 12288): {"block_n": 4}}
+# fused norm: apply rstd to the sums after the loop (no rounding of the normalized row; the sums of squares
+# are loaded at the wait and needed only at the end) instead of before the first product (exact rounding).
+NORM_LATE = False
 # The register path loads 8 values of W per thread at a time (16 bytes of bf16, 8 of fp8), as many as one
 # 16-byte load of x: W and x then share a layout. 16 fp8 values per load would give W a layout of its own and
 # move x through shared memory on every step.
@@ -117,7 +120,8 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, st
                  HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, SILU: tl.constexpr,
                  USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, VEC: tl.constexpr, SCALE_BLOCK: tl.constexpr, SPLIT_K: tl.constexpr,
-                 NORM: tl.constexpr, RESIDUAL: tl.constexpr, SUMSQ_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+                 NORM: tl.constexpr, NORM_LATE: tl.constexpr, RESIDUAL: tl.constexpr, SUMSQ_BLOCK: tl.constexpr,
+                 USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     ROWS: tl.constexpr = BLOCK_N * (1 + SILU)
@@ -146,6 +150,8 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, st
     if USE_DOT:  # the pipeliner issues x's loads with W's ahead of the loop: wait for x's producer first
         pdl.wait_for_predecessor(USE_PDL)
     rstd = eps * 0.0  # NORM: set once x's producer is done (its sums of squares are then final)
+    partial_sumsq = tl.zeros([SUMSQ_BLOCK], tl.float32)  # NORM_LATE: loaded at the wait, summed after the loop
+    res = tl.zeros([ROWS], tl.float32)  # RESIDUAL: loaded at the wait, so the epilogue does not wait for it
     for k in range(k_start, k_end, BLOCK_K):
         offs_k = k + cols
         if not USE_DOT:  # VEC values per load however narrow W's values are (see FMA_VEC)
@@ -167,8 +173,14 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, st
         else:  # M == 1
             if k == k_start:  # the first step's W loads (constant data) are already in flight during the wait
                 pdl.wait_for_predecessor(USE_PDL)
+                if RESIDUAL:
+                    res = tl.load(res_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
                 if NORM:
-                    rstd = _rstd(sumsq_in_ptr, num_sumsq, K, eps, SUMSQ_BLOCK)
+                    if NORM_LATE:
+                        i = tl.arange(0, SUMSQ_BLOCK)
+                        partial_sumsq = tl.load(sumsq_in_ptr + i, mask=i < num_sumsq, other=0.0)
+                    else:
+                        rstd = _rstd(sumsq_in_ptr, num_sumsq, K, eps, SUMSQ_BLOCK)
             if EVEN_K:
                 x = tl.load(x_ptr + offs_k)
             else:
@@ -178,7 +190,10 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, st
                     nw = tl.load(norm_w_ptr + offs_k)
                 else:
                     nw = tl.load(norm_w_ptr + offs_k, mask=k_ok, other=0.0)
-                x = ((x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32) * nw.to(tl.float32)).to(x.dtype)
+                if NORM_LATE:  # h * weight now, * rstd on the sums: no rounding of the normalized row
+                    x = x.to(tl.float32) * nw.to(tl.float32)
+                else:
+                    x = ((x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32) * nw.to(tl.float32)).to(x.dtype)
             x = x[None, :]
             # Each thread sums its own products per row and vector: fewer registers than keeping every product,
             # no cross-thread reduction inside the loop, and one fp8 scale multiply per vector.
@@ -192,6 +207,8 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, st
             acc2 += vec_sums
     if not USE_DOT:
         acc = tl.sum(acc2, axis=1)[:, None]  # [ROWS, 1]
+        if NORM and NORM_LATE:
+            acc *= tl.rsqrt(tl.sum(partial_sumsq, 0) / K + eps)
     pdl.wait_for_predecessor(USE_PDL)  # a split with no K steps still stores: it must have waited too
 
     if SPLIT_K == 1:
@@ -203,8 +220,8 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, st
         out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = (out_n < N)[:, None] & m_ok[None, :]
         if RESIDUAL:  # one row: out = residual + the product (rounded as torch adds), and its sum of squares
-            r = tl.load(res_ptr + out_n[:, None], mask=ok, other=0.0).to(tl.float32)
-            acc = (acc.to(out_ptr.dtype.element_ty).to(tl.float32) + r).to(out_ptr.dtype.element_ty).to(tl.float32)
+            acc = (acc.to(out_ptr.dtype.element_ty).to(tl.float32) + res[:, None])
+            acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
             sq = tl.where(ok, acc * acc, 0.0)
             tl.store(sumsq_out_ptr + pid_n, tl.sum(tl.sum(sq, 1), 0))
         tl.store(out_ptr + offs_m[None, :] * stride_om + out_n[:, None], acc.to(out_ptr.dtype.element_ty), mask=ok)
@@ -333,6 +350,7 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if (norm is not None or residual is not None) and (use_dot or (residual is not None and split_k != 1)):
         raise ValueError("norm / residual need the register path (one row), residual also split_k 1")
     if residual is not None:
+        assert not silu, "residual adds a product of N columns, not a gated one"
         assert residual.shape == (M, N) and residual.dtype == x.dtype and residual.is_contiguous(), residual.shape
         assert sumsq_out is not None and sumsq_out.shape == (triton.cdiv(N, block_n),), sumsq_out.shape
     if norm is not None:
@@ -354,6 +372,7 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         sumsq_out if residual is not None else x2, HAS_BIAS=has_bias, HAS_SCALE=fp8, SILU=silu, USE_DOT=use_dot,
         EVEN_K=K % block_k == 0, BLOCK_M=max(16, triton.next_power_of_2(M)) if use_dot else 1, BLOCK_N=block_n,
         BLOCK_K=block_k, VEC=FMA_VEC, SCALE_BLOCK=SCALE_BLOCK, SPLIT_K=split_k, NORM=norm is not None,
+        NORM_LATE=NORM_LATE,
         RESIDUAL=residual is not None, SUMSQ_BLOCK=triton.next_power_of_2(norm[2].numel()) if norm else 1,
         USE_PDL=use_pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=use_pdl)
     if split_k > 1:
