@@ -106,8 +106,12 @@ def profile_steps(engine: Engine, bs: int, prompt_len: int, steps: int = 64, cpr
 
 def ablate(engine: Engine, sizes: list[int]) -> None:
     """Graph replays with each decode fusion turned off in turn (graphs recaptured for each variant)."""
-    from stepserve.kernels import gemv, paged_attention
+    import importlib
+
     from stepserve.layers.dispatch import register_kernel
+
+    gemv = importlib.import_module("stepserve.kernels.gemv")
+    paged_attention = importlib.import_module("stepserve.kernels.paged_attention")  # the package exports a function
 
     min_keys = paged_attention.MIN_SPLIT_KEYS
     late = gemv.NORM_LATE
