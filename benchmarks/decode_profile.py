@@ -104,29 +104,38 @@ def profile_steps(engine: Engine, bs: int, prompt_len: int, steps: int = 64, cpr
     return med
 
 
-def ablate(engine: Engine, sizes: list[int]) -> None:
-    """Graph replays with each decode fusion turned off in turn (graphs recaptured for each variant)."""
+def ablate(engine: Engine, sizes: list[int], prompt_len: int) -> None:
+    """Graph replays with the decode fusions and configs varied one at a time. Each variant recaptures the graphs
+    and runs a few real steps first, so the replay attends over a real context (a fresh capture's inputs are
+    empty sequences)."""
     import importlib
 
     from stepserve.layers.dispatch import register_kernel
 
     gemv = importlib.import_module("stepserve.kernels.gemv")
     paged_attention = importlib.import_module("stepserve.kernels.paged_attention")  # the package exports a function
+    base_config, min_keys, late = gemv.default_config, paged_attention.MIN_SPLIT_KEYS, gemv.NORM_LATE
 
-    min_keys = paged_attention.MIN_SPLIT_KEYS
-    late = gemv.NORM_LATE
-    variants = {"as is": (True, min_keys, late), "norm applied late": (True, min_keys, not late),
-                "no fused norms": (False, min_keys, late), "64-key splits": (True, 64, late),
-                "neither": (False, 64, late)}
-    for name, (fused, keys, norm_late) in variants.items():
-        register_kernel("fused_linear", gemv.fused_linear if fused else None)
-        paged_attention.MIN_SPLIT_KEYS = keys
-        gemv.NORM_LATE = norm_late
+    def o_proj_one_step(M, N, K, num_sms, fp8=False, silu=False):  # o_proj's W in flight before its wait
+        cfg = base_config(M, N, K, num_sms, fp8, silu)
+        return cfg | {"block_k": K} if (M, N, K) == (1, 4096, 4096) else cfg
+
+    variants = {"as is": {}, "no fused norms": {"fused": False}, "64-key splits": {"keys": 64},
+                "norm applied late": {"late": not late}, "o_proj one K step": {"config": o_proj_one_step},
+                "o_proj one K step, no fused norms": {"config": o_proj_one_step, "fused": False}}
+    for name, v in variants.items():
+        register_kernel("fused_linear", gemv.fused_linear if v.get("fused", True) else None)
+        paged_attention.MIN_SPLIT_KEYS = v.get("keys", min_keys)
+        gemv.NORM_LATE = v.get("late", late)
+        gemv.default_config = v.get("config", base_config)
         engine.runner.capture_graphs(engine.context_length)
-        print(json.dumps({"variant": name, **{f"replay_ms_b{bs}": round(replay_ms(engine, bs), 3) for bs in sizes}}))
+        row = {"variant": name}
+        for bs in sizes:
+            profile_steps(engine, bs, prompt_len, steps=4)
+            row[f"replay_ms_b{bs}"] = round(replay_ms(engine, bs), 3)
+        print(json.dumps(row))
     register_kernel("fused_linear", gemv.fused_linear)
-    paged_attention.MIN_SPLIT_KEYS = min_keys
-    gemv.NORM_LATE = late
+    paged_attention.MIN_SPLIT_KEYS, gemv.NORM_LATE, gemv.default_config = min_keys, late, base_config
     engine.runner.capture_graphs(engine.context_length)
 
 
@@ -154,7 +163,7 @@ def main() -> None:
             row["kernels"] = kernel_table(engine, bs)
         rows.append(row)
     if args.ablate:
-        ablate(engine, sizes)
+        ablate(engine, sizes, args.prompt)
     if args.compare_linear:
         from stepserve.layers.dispatch import register_kernel
 
