@@ -105,38 +105,20 @@ def profile_steps(engine: Engine, bs: int, prompt_len: int, steps: int = 64, cpr
 
 
 def ablate(engine: Engine, sizes: list[int], prompt_len: int) -> None:
-    """Graph replays with the decode fusions and configs varied one at a time. Each variant recaptures the graphs
-    and runs a few real steps first, so the replay attends over a real context (a fresh capture's inputs are
-    empty sequences)."""
-    import importlib
-
+    """Graph replays with and without o_proj's L2 prefetch (kernels/prefetch.py). Each variant recaptures the
+    graphs and runs a few real steps first, so the replay attends over a real context (a fresh capture's inputs
+    are empty sequences)."""
+    from stepserve.kernels.prefetch import prefetch_weight
     from stepserve.layers.dispatch import register_kernel
 
-    gemv = importlib.import_module("stepserve.kernels.gemv")
-    paged_attention = importlib.import_module("stepserve.kernels.paged_attention")  # the package exports a function
-    base_config, min_keys, late = gemv.default_config, paged_attention.MIN_SPLIT_KEYS, gemv.NORM_LATE
-
-    def o_proj_one_step(M, N, K, num_sms, fp8=False, silu=False):  # o_proj's W in flight before its wait
-        cfg = base_config(M, N, K, num_sms, fp8, silu)
-        return cfg | {"block_k": K} if (M, N, K) == (1, 4096, 4096) else cfg
-
-    variants = {"as is": {}, "no fused norms": {"fused": False}, "64-key splits": {"keys": 64},
-                "norm applied late": {"late": not late}, "o_proj one K step": {"config": o_proj_one_step},
-                "o_proj one K step, no fused norms": {"config": o_proj_one_step, "fused": False}}
-    for name, v in variants.items():
-        register_kernel("fused_linear", gemv.fused_linear if v.get("fused", True) else None)
-        paged_attention.MIN_SPLIT_KEYS = v.get("keys", min_keys)
-        gemv.NORM_LATE = v.get("late", late)
-        gemv.default_config = v.get("config", base_config)
+    for name, kernel in (("as is", prefetch_weight), ("no L2 prefetch", None), ("as is, again", prefetch_weight)):
+        register_kernel("prefetch_weight", kernel)
         engine.runner.capture_graphs(engine.context_length)
         row = {"variant": name}
         for bs in sizes:
             profile_steps(engine, bs, prompt_len, steps=4)
             row[f"replay_ms_b{bs}"] = round(replay_ms(engine, bs), 3)
         print(json.dumps(row))
-    register_kernel("fused_linear", gemv.fused_linear)
-    paged_attention.MIN_SPLIT_KEYS, gemv.NORM_LATE, gemv.default_config = min_keys, late, base_config
-    engine.runner.capture_graphs(engine.context_length)
 
 
 def main() -> None:
@@ -147,7 +129,7 @@ def main() -> None:
     ap.add_argument("--compare-linear", action="store_true",
                     help="also time the graph replays with cuBLAS for the decode linears instead of the skinny kernel")
     ap.add_argument("--ablate", action="store_true",
-                    help="also time the replays without the GEMV-fused norms and with 64-key KV splits")
+                    help="also time the replays without o_proj's L2 prefetch")
     ap.add_argument("--kernels", action="store_true", help="per-kernel GPU time of one graph replay (torch.profiler)")
     ap.add_argument("--quantization", default=None, help="fp8: block-fp8 decoder linears")
     args = ap.parse_args()

@@ -239,11 +239,11 @@ def test_install_registers_every_layer_function():
     layer_fns = {"rms_norm": norm_ref.rms_norm, "fused_add_rms_norm": norm_ref.fused_add_rms_norm,
                  "apply_rotary": rope_ref.apply_rotary, "qk_norm_rope": rope_ref.qk_norm_rope,
                  "qk_norm_rope_store_kv": attention.qk_norm_rope_store_kv, "silu_and_mul": act_ref.silu_and_mul,
-                 "fp8_linear": quant.fp8_linear, "linear": linear.linear}
-    assert set(kernels.LAYER_KERNELS) == set(layer_fns) | {"fused_linear"}  # the fusion has no reference
+                 "fp8_linear": quant.fp8_linear, "linear": linear.linear, "prefetch_weight": linear.prefetch_weight}
+    assert set(kernels.LAYER_KERNELS) == set(layer_fns)
     kernels.install_triton_kernels()
     try:
-        assert all(dispatch._KERNELS[name] is fn for name, fn in kernels.LAYER_KERNELS.items())
+        assert all(dispatch._KERNELS[name] is kernels.LAYER_KERNELS[name] for name in layer_fns)
         assert attention.attention_backend() is kernels.paged_attention
         x = torch.randn(2, 8)
         assert torch.equal(norm_ref.rms_norm(x, torch.ones(8), 1e-6),
@@ -251,7 +251,7 @@ def test_install_registers_every_layer_function():
     finally:
         kernels.install_triton_kernels(enable=False)
     assert attention.attention_backend() is paged_attention_reference
-    assert not any(name in dispatch._KERNELS for name in kernels.LAYER_KERNELS)
+    assert not any(name in dispatch._KERNELS for name in layer_fns)
 
 
 def test_watch_compiles_logs_later_builds(caplog):

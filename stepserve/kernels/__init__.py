@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from stepserve.kernels.activation import silu_and_mul
 from stepserve.kernels.fp8_gemm import fp8_gemm
-from stepserve.kernels.gemv import fused_linear, linear
+from stepserve.kernels.gemv import linear
 from stepserve.kernels.paged_attention import decode_attention, extend_attention, paged_attention
+from stepserve.kernels.prefetch import prefetch_weight
 from stepserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from stepserve.kernels.rotary import apply_rotary, qk_norm_rope, qk_norm_rope_store_kv
 
@@ -25,8 +26,7 @@ LAYER_KERNELS = {
     "silu_and_mul": silu_and_mul,
     "fp8_linear": fp8_gemm,
     "linear": linear,
-    # No reference: layers.linear.project runs the unfused layers where this is not registered or declines.
-    "fused_linear": fused_linear,
+    "prefetch_weight": prefetch_weight,
 }
 
 

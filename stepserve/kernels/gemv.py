@@ -60,9 +60,6 @@ ACTIVATIONS = (None, "silu_and_mul")
 # linears 2.53 -> 2.41 ms). 8-byte fp8 loads keep less in flight per program than bf16's 16-byte ones, so
 # these shapes want more programs (block_n 4) or more, shorter steps (block_k 1024).
 FP8_M1_TUNED = {(6144, 4096): {"block_k": 1024}, (4096, 4096): {"block_n": 4}, (4096, 12288): {"block_n": 4}}
-# fused norm: apply rstd to the sums after the loop (no rounding of the normalized row; the sums of squares
-# are loaded at the wait and needed only at the end) instead of before the first product (exact rounding).
-NORM_LATE = False
 # The register path loads 8 values of W per thread at a time (16 bytes of bf16, 8 of fp8), as many as one
 # 16-byte load of x: W and x then share a layout. 16 fp8 values per load would give W a layout of its own and
 # move x through shared memory on every step.
@@ -72,23 +69,17 @@ FMA_K_PER_WARP = 32 * FMA_VEC
 
 
 def linear_small_m_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                             weight_scale_inv: torch.Tensor | None = None, activation: str | None = None,
-                             norm: tuple[torch.Tensor, float] | None = None,
-                             residual: torch.Tensor | None = None) -> torch.Tensor:
+                             weight_scale_inv: torch.Tensor | None = None,
+                             activation: str | None = None) -> torch.Tensor:
     """The kernel's math in plain torch: the exact (dequantized) weight, float32 products and sums, the
-    activation in float32, one rounding to x's dtype. norm=(weight, eps): x is first replaced by
-    rms_norm(x) (layers.norm's rounding); residual: returns residual + the rounded product, rounded."""
-    if norm is not None:
-        xf = x.float()
-        x = norm[0] * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm[1])).to(x.dtype)
+    activation in float32, one rounding to x's dtype."""
     w = weight.float() if weight_scale_inv is None else dequantize_fp8_blockwise(weight, weight_scale_inv,
                                                                                  torch.float32)
     out = F.linear(x.float(), w, None if bias is None else bias.float())
     if activation == "silu_and_mul":
         gate, up = out.chunk(2, dim=-1)
         out = F.silu(gate) * up
-    out = out.to(x.dtype)
-    return out if residual is None else out + residual
+    return out.to(x.dtype)
 
 
 @triton.jit
@@ -107,20 +98,10 @@ def _block_scale(ws_ptr, first, second, part, kcol, SILU: tl.constexpr):
 
 
 @triton.jit
-def _rstd(sumsq_ptr, num_sumsq, K, eps, SUMSQ_BLOCK: tl.constexpr):
-    """1 / rms of a row of K values from the partial sums of their squares (summed in a fixed order)."""
-    i = tl.arange(0, SUMSQ_BLOCK)
-    total = tl.sum(tl.load(sumsq_ptr + i, mask=i < num_sumsq, other=0.0), 0)
-    return tl.rsqrt(total / K + eps)
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_wsn, stride_om,
-                 stride_split, norm_w_ptr, sumsq_in_ptr, num_sumsq, eps, res_ptr, sumsq_out_ptr,
-                 HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, SILU: tl.constexpr,
+                 stride_split, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, SILU: tl.constexpr,
                  USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, VEC: tl.constexpr, SCALE_BLOCK: tl.constexpr, SPLIT_K: tl.constexpr,
-                 NORM: tl.constexpr, NORM_LATE: tl.constexpr, RESIDUAL: tl.constexpr, SUMSQ_BLOCK: tl.constexpr,
                  USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -149,9 +130,6 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, st
         acc2 = tl.zeros((ROWS, BLOCK_K // VEC), tl.float32)
     if USE_DOT:  # the pipeliner issues x's loads with W's ahead of the loop: wait for x's producer first
         pdl.wait_for_predecessor(USE_PDL)
-    rstd = eps * 0.0  # NORM: set once x's producer is done (its sums of squares are then final)
-    partial_sumsq = tl.zeros([SUMSQ_BLOCK], tl.float32)  # NORM_LATE: loaded at the wait, summed after the loop
-    res = tl.zeros([ROWS], tl.float32)  # RESIDUAL: loaded at the wait, so the epilogue does not wait for it
     for k in range(k_start, k_end, BLOCK_K):
         offs_k = k + cols
         if not USE_DOT:  # VEC values per load however narrow W's values are (see FMA_VEC)
@@ -173,28 +151,10 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, st
         else:  # M == 1
             if k == k_start:  # the first step's W loads (constant data) are already in flight during the wait
                 pdl.wait_for_predecessor(USE_PDL)
-                if RESIDUAL:
-                    res = tl.load(res_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-                if NORM:
-                    if NORM_LATE:
-                        i = tl.arange(0, SUMSQ_BLOCK)
-                        partial_sumsq = tl.load(sumsq_in_ptr + i, mask=i < num_sumsq, other=0.0)
-                    else:
-                        rstd = _rstd(sumsq_in_ptr, num_sumsq, K, eps, SUMSQ_BLOCK)
             if EVEN_K:
-                x = tl.load(x_ptr + offs_k)
+                x = tl.load(x_ptr + offs_k)[None, :]
             else:
-                x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
-            if NORM:  # x is the residual stream h: take rms_norm(h) as layers.norm.rms_norm rounds it
-                if EVEN_K:
-                    nw = tl.load(norm_w_ptr + offs_k)
-                else:
-                    nw = tl.load(norm_w_ptr + offs_k, mask=k_ok, other=0.0)
-                if NORM_LATE:  # h * weight now, * rstd on the sums: no rounding of the normalized row
-                    x = x.to(tl.float32) * nw.to(tl.float32)
-                else:
-                    x = ((x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32) * nw.to(tl.float32)).to(x.dtype)
-            x = x[None, :]
+                x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)[None, :]
             # Each thread sums its own products per row and vector: fewer registers than keeping every product,
             # no cross-thread reduction inside the loop, and one fp8 scale multiply per vector.
             prod = w.to(tl.float32) * x.to(tl.float32)
@@ -207,8 +167,6 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, st
             acc2 += vec_sums
     if not USE_DOT:
         acc = tl.sum(acc2, axis=1)[:, None]  # [ROWS, 1]
-        if NORM and NORM_LATE:
-            acc *= tl.rsqrt(tl.sum(partial_sumsq, 0) / K + eps)
     pdl.wait_for_predecessor(USE_PDL)  # a split with no K steps still stores: it must have waited too
 
     if SPLIT_K == 1:
@@ -219,11 +177,6 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, st
             acc = _silu_mul(gate, up)
         out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = (out_n < N)[:, None] & m_ok[None, :]
-        if RESIDUAL:  # one row: out = residual + the product (rounded as torch adds), and its sum of squares
-            acc = (acc.to(out_ptr.dtype.element_ty).to(tl.float32) + res[:, None])
-            acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-            sq = tl.where(ok, acc * acc, 0.0)
-            tl.store(sumsq_out_ptr + pid_n, tl.sum(tl.sum(sq, 1), 0))
         tl.store(out_ptr + offs_m[None, :] * stride_om + out_n[:, None], acc.to(out_ptr.dtype.element_ty), mask=ok)
     else:  # float32 partials [SPLIT_K, M, N * (1 + SILU)], summed and activated by _sum_splits_kernel
         ok = (offs_n < N)[:, None] & m_ok[None, :]
@@ -300,9 +253,7 @@ def default_config(M: int, N: int, K: int, num_sms: int, fp8: bool = False, silu
 
 def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                    weight_scale_inv: torch.Tensor | None = None, activation: str | None = None,
-                   out: torch.Tensor | None = None, norm: tuple[torch.Tensor, float, torch.Tensor] | None = None,
-                   residual: torch.Tensor | None = None, sumsq_out: torch.Tensor | None = None,
-                   **config) -> torch.Tensor:
+                   out: torch.Tensor | None = None, **config) -> torch.Tensor:
     """F.linear for at most MAX_ROWS rows of x ([..., K] -> [..., N] in x's dtype), float32 sums.
 
     weight: [N', K] in x's dtype, or float8_e4m3fn with `weight_scale_inv` [ceil(N'/128), ceil(K/128)].
@@ -311,13 +262,7 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     `default_config`: use_dot, block_n, block_k, split_k, num_warps, num_stages. The register path
     (use_dot=False) takes M == 1 only, and wants block_k = FMA_K_PER_WARP * num_warps * (loads per row per
     thread): then x's slice lands in the same threads as W's columns; any other value moves x through shared
-    memory on every step. The fp8 tensor-core path wants a block_k that divides 128.
-
-    The decoder's residual stream at one row (register path only; see `fused_linear`):
-    - norm=(norm_weight, eps, sumsq): x is the stream h and the product takes rms_norm(h) instead, with the
-      statistic from `sumsq`, float32 partial sums of h**2 (any number of them) that x's producer wrote.
-    - residual: `out` receives residual + the product, and `sumsq_out` (float32, one entry per row tile:
-      `row_tiles(...)`) its partial sums of squares, for the next layer's norm. Needs split_k 1."""
+    memory on every step. The fp8 tensor-core path wants a block_k that divides 128."""
     K = x.shape[-1]
     assert activation in ACTIVATIONS, activation
     silu = activation == "silu_and_mul"
@@ -339,7 +284,6 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if M == 0 or N == 0:
         return out.view(*x.shape[:-1], N)
     if K == 0:
-        assert norm is None and residual is None, "norm / residual over an empty row"
         out.copy_(linear_small_m_reference(x2, weight, bias, weight_scale_inv=weight_scale_inv,
                                            activation=activation))
         return out.view(*x.shape[:-1], N)
@@ -347,14 +291,6 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     split_k, block_n, block_k, use_dot = cfg["split_k"], cfg["block_n"], cfg["block_k"], cfg["use_dot"]
     if not use_dot and M != 1:
         raise ValueError("the register path (use_dot=False) takes one row of x")
-    if (norm is not None or residual is not None) and (use_dot or (residual is not None and split_k != 1)):
-        raise ValueError("norm / residual need the register path (one row), residual also split_k 1")
-    if residual is not None:
-        assert not silu, "residual adds a product of N columns, not a gated one"
-        assert residual.shape == (M, N) and residual.dtype == x.dtype and residual.is_contiguous(), residual.shape
-        assert sumsq_out is not None and sumsq_out.shape == (triton.cdiv(N, block_n),), sumsq_out.shape
-    if norm is not None:
-        assert norm[0].shape == (K,) and norm[0].is_contiguous() and norm[2].dtype == torch.float32, norm[0].shape
     if fp8:
         assert weight_scale_inv.shape == (triton.cdiv(weight.shape[0], SCALE_BLOCK), triton.cdiv(K, SCALE_BLOCK))
         assert weight_scale_inv.dtype == torch.float32 and weight_scale_inv.stride(-1) == 1
@@ -367,43 +303,13 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     _gemv_kernel[(triton.cdiv(N, block_n), split_k)](
         x2, weight, weight_scale_inv if fp8 else weight, bias if has_bias else weight, target, M, N, K,
         x2.stride(0), weight.stride(0), weight_scale_inv.stride(0) if fp8 else 0, target.stride(-2),
-        M * N * (1 + silu), norm[0] if norm else x2, norm[2] if norm else x2, norm[2].numel() if norm else 0,
-        norm[1] if norm else 0.0, residual if residual is not None else x2,
-        sumsq_out if residual is not None else x2, HAS_BIAS=has_bias, HAS_SCALE=fp8, SILU=silu, USE_DOT=use_dot,
-        EVEN_K=K % block_k == 0, BLOCK_M=max(16, triton.next_power_of_2(M)) if use_dot else 1, BLOCK_N=block_n,
-        BLOCK_K=block_k, VEC=FMA_VEC, SCALE_BLOCK=SCALE_BLOCK, SPLIT_K=split_k, NORM=norm is not None,
-        NORM_LATE=NORM_LATE,
-        RESIDUAL=residual is not None, SUMSQ_BLOCK=triton.next_power_of_2(norm[2].numel()) if norm else 1,
-        USE_PDL=use_pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=use_pdl)
+        M * N * (1 + silu), HAS_BIAS=has_bias, HAS_SCALE=fp8, SILU=silu, USE_DOT=use_dot, EVEN_K=K % block_k == 0,
+        BLOCK_M=max(16, triton.next_power_of_2(M)) if use_dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
+        VEC=FMA_VEC, SCALE_BLOCK=SCALE_BLOCK, SPLIT_K=split_k, USE_PDL=use_pdl, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], launch_pdl=use_pdl)
     if split_k > 1:
         sum_splits(target, bias, out, silu)
     return out.view(*x.shape[:-1], N)
-
-
-def row_tiles(N: int, K: int, fp8: bool, silu: bool, device: torch.device) -> int:
-    """Programs along N of the one-row kernel for an N-wide output: how many partial sums of squares it writes."""
-    return triton.cdiv(N, default_config(1, N, K, _num_sms(device), fp8, silu)["block_n"])
-
-
-def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 weight_scale_inv: torch.Tensor | None = None, activation: str | None = None,
-                 norm: tuple[torch.Tensor, float, torch.Tensor] | None = None,
-                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
-    """The decode row's linear with its neighbours of the residual stream fused in (layers.linear.project):
-    norm=(norm_weight, eps, sumsq) normalizes x as it is read, residual adds the product to it and returns
-    (the new stream, its partial sums of squares). None where the one-row kernel does not take x (then the
-    caller runs the unfused layers): the RMSNorm kernels between the linears of a batch-1 step disappear."""
-    if not skinny(x, weight) or x.numel() != x.shape[-1]:
-        return None
-    if residual is None:
-        return linear_small_m(x, weight, bias, weight_scale_inv=weight_scale_inv, activation=activation, norm=norm)
-    silu = activation == "silu_and_mul"
-    N = weight.shape[0] // (2 if silu else 1)
-    sumsq = torch.empty(row_tiles(N, x.shape[-1], weight_scale_inv is not None, silu, x.device),
-                        dtype=torch.float32, device=x.device)
-    out = linear_small_m(x, weight, bias, weight_scale_inv=weight_scale_inv, activation=activation, norm=norm,
-                         residual=residual.reshape(1, N), sumsq_out=sumsq, split_k=1)
-    return out, sumsq
 
 
 def skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -83,17 +83,15 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, kv_lens_ptr, out_ptr, part_ou
                    qk_scale, v_scale, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_bt,
                    stride_ot, stride_oh,
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_BLOCKS: tl.constexpr,
-                   USE_PDL: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     pdl.wait_for_predecessor(USE_PDL)  # everything read here (q, the cache, lengths, pages) is step data
     kv_len = tl.load(kv_lens_ptr + seq)
-    # Whole blocks per split, so only a sequence's very last block needs a mask; at least MIN_BLOCKS (>= 1, so
-    # that the number of non-empty splits, cdiv(kv_len, chunk), is defined for kv_len 0 too): a graph captured
-    # with many splits for long contexts leaves the surplus ones empty at short contexts.
-    chunk = tl.maximum(tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N), MIN_BLOCKS) * BLOCK_N
+    # Whole blocks per split, so only a sequence's very last block needs a mask; at least one block, so that
+    # the number of non-empty splits, cdiv(kv_len, chunk), is defined for kv_len 0 too.
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N), 1) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, kv_len)
     full_end = tl.maximum(start, end - end % BLOCK_N)
@@ -212,20 +210,14 @@ def _num_sms(device: torch.device) -> int:
     return 132  # the interpreter has no SM count; use an H100's so CPU tests take the same paths
 
 
-# A split gets at least this many keys, however many splits the launch has (the kernel's MIN_BLOCKS): at
-# batch 1 and ~1.5k keys, 12 splits of 128 took 12.05 us per layer against 13.50 for 64 of 64 keys (H100,
-# benchmarks/kernels.py --pdl-chain, with norm, rope and reduce).
-MIN_SPLIT_KEYS = 128
-
-
 def default_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, num_sms: int) -> int:
     """KV splits per (sequence, kv head) so that a small batch still fills the chip.
 
-    Aims for about four programs per SM while giving each split at least MIN_SPLIT_KEYS keys; 1 at large batch.
+    Aims for about four programs per SM while giving each split at least 128 keys; 1 at large batch.
     """
     programs = batch * num_kv_heads
     want = math.ceil(4 * num_sms / programs)
-    return max(1, min(want, math.ceil(max_kv_len / MIN_SPLIT_KEYS), 64))
+    return max(1, min(want, math.ceil(max_kv_len / 128), 64))
 
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, scale: float, *,
@@ -256,8 +248,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), ctx.block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=block_n, PAGE_SIZE=page_size, NUM_SPLITS=num_splits, MIN_BLOCKS=max(1, MIN_SPLIT_KEYS // block_n),
-        USE_PDL=use_pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl)
+        BLOCK_N=block_n, PAGE_SIZE=page_size, NUM_SPLITS=num_splits, USE_PDL=use_pdl,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1),

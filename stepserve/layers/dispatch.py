@@ -23,12 +23,6 @@ def register_kernel(name: str, fn: Callable | None) -> None:
         _KERNELS[name] = fn
 
 
-def kernel_for(name: str, x: torch.Tensor) -> Callable | None:
-    """The kernel registered as `name` when x is a CUDA tensor (for fusions that have no reference of their own:
-    the caller runs the unfused layers otherwise)."""
-    return _KERNELS.get(name) if x.is_cuda else None
-
-
 def dispatched(reference: Callable) -> Callable:
     """Wrap a reference whose first argument is a tensor; the wrapper keeps it as `.reference`."""
     name = reference.__name__

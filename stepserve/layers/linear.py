@@ -5,15 +5,9 @@ computes them all; `load_weight(..., shard=i)` copies the i-th of them into its 
 `activation="silu_and_mul"` returns silu(gate) * up of its [gate | up] output (half its width): on CUDA a
 decode batch gets it from the GEMV's epilogue, without the 2I-wide intermediate. Block-fp8 variants live in
 `layers/quant.py` and load through the same `load_weight` interface.
-
-Every linear layer also takes the decoder's residual stream (`project`): its input may be a `NormedInput`,
-and with `residual=` it returns the stream with its output added. At one decode row on CUDA one GEMV does
-the norm, the product and the add, so no norm kernel runs between the linears.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +15,7 @@ from torch import nn
 
 from stepserve.errors import ModelLoadError
 from stepserve.layers.activation import activate, check_gated
-from stepserve.layers.dispatch import dispatched, kernel_for
-from stepserve.layers.norm import NormedInput, Residual
+from stepserve.layers.dispatch import dispatched
 
 
 @dispatched
@@ -33,26 +26,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return activate(F.linear(x, weight, bias), activation)
 
 
-def project(layer: nn.Module, x: torch.Tensor | NormedInput, residual: Residual | None,
-            dense: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | Residual:
-    """A linear layer's forward: `dense(x)`, or with `residual` the stream plus that. The one-row CUDA kernel
-    (kernels.gemv.fused_linear) takes x's pending RMSNorm and the add when it can; otherwise the norm is
-    materialized and the output left pending for the next norm's fused add (same math, more kernels)."""
-    normed = isinstance(x, NormedInput)
-    h = x.h if normed else x
-    if normed or residual is not None:
-        fused = kernel_for("fused_linear", h)
-        out = None if fused is None else fused(
-            h, layer.weight, layer.bias, weight_scale_inv=getattr(layer, "weight_scale_inv", None),
-            activation=layer.activation, norm=(x.weight, x.eps, x.sumsq) if normed else None,
-            residual=None if residual is None else residual.h)
-        if out is not None:
-            return out if residual is None else Residual(out[0].view(residual.h.shape), sumsq=out[1])
-    out = dense(x.materialize() if normed else x)
-    if residual is None:
-        return out
-    assert residual.pending is None, "a stream with an output pending takes its norm before the next add"
-    return Residual(residual.h, pending=out)
+@dispatched
+def prefetch_weight(weight: torch.Tensor, tokens: int) -> None:
+    """A hint that `weight` is read soon, after latency-bound work (decode attention): on CUDA, for a step of a
+    few tokens, its bytes are pulled into L2 meanwhile (kernels/prefetch.py). Nothing to do here."""
 
 
 def copy_weight(dst: torch.Tensor, src: torch.Tensor, source: str) -> None:
@@ -87,8 +64,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    def forward(self, x: torch.Tensor | NormedInput, residual: Residual | None = None) -> torch.Tensor | Residual:
-        return project(self, x, residual, lambda t: linear(t, self.weight, self.bias, self.activation))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.activation)
 
     def load_weight(self, param_name: str, tensor: torch.Tensor, source: str, shard: int | None = None) -> None:
         """Copy checkpoint tensor `source` into `self.<param_name>` (or its rows of shard `shard`)."""

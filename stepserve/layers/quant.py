@@ -25,8 +25,7 @@ from torch import nn
 from stepserve.errors import ModelLoadError
 from stepserve.layers.activation import activate, check_gated
 from stepserve.layers.dispatch import dispatched
-from stepserve.layers.linear import Linear, MergedLinear, copy_weight, project, shard_rows
-from stepserve.layers.norm import NormedInput, Residual
+from stepserve.layers.linear import Linear, MergedLinear, copy_weight, shard_rows
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +108,8 @@ class Fp8Linear(nn.Module):
         """Parameters that do not come from the checkpoint."""
         return ("weight_scale_inv",) if self.quantize_on_load else ()
 
-    def forward(self, x: torch.Tensor | NormedInput, residual: Residual | None = None) -> torch.Tensor | Residual:
-        return project(self, x, residual,
-                       lambda t: fp8_linear(t, self.weight, self.weight_scale_inv, self.bias, self.activation))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, self.activation)
 
     def _rows(self, param_name: str, shard: int | None) -> torch.Tensor:
         per_entry = BLOCK if param_name == "weight_scale_inv" else 1

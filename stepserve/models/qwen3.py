@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from stepserve.layers.attention import Attention
-from stepserve.layers.linear import copy_weight
-from stepserve.layers.norm import NormedInput, Residual, RMSNorm
+from stepserve.layers.linear import copy_weight, prefetch_weight
+from stepserve.layers.norm import RMSNorm
 from stepserve.layers.quant import Fp8Config, make_linear
 from stepserve.layers.rotary import RotaryEmbedding
 from stepserve.models.configs import TextConfig
@@ -46,14 +46,14 @@ class Qwen3Attention(nn.Module):
         self.rotary_emb = rotary  # one cos/sin table shared by all layers
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor | NormedInput, residual: Residual) -> Residual:
-        """The residual stream with this attention's output added (x: the stream, normalized)."""
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        prefetch_weight(self.o_proj.weight, x.shape[0])  # read by o_proj after the attention's kernel chain
         q = self.attn.qk_norm_rope_store(q.view(-1, self.num_heads, self.head_dim),
                                          k.view(-1, self.num_kv_heads, self.head_dim),
                                          v.view(-1, self.num_kv_heads, self.head_dim), self.q_norm.weight,
                                          self.k_norm.weight, self.q_norm.eps, positions, self.rotary_emb.cos_sin_cache)
-        return self.o_proj(self.attn.attend(q), residual)
+        return self.o_proj(self.attn.attend(q))
 
 
 class Qwen3MLP(nn.Module):
@@ -64,8 +64,8 @@ class Qwen3MLP(nn.Module):
                                         activation="silu_and_mul")
         self.down_proj = make_linear(quant, f"{prefix}.down_proj", cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor | NormedInput, residual: Residual) -> Residual:
-        return self.down_proj(self.gate_up_proj(x), residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.gate_up_proj(x))
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -76,12 +76,16 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, stream: Residual) -> Residual:
-        """The residual stream after this layer (its MLP output possibly still pending: the next norm adds it)."""
-        x, stream = self.input_layernorm.stream(stream)
-        stream = self.self_attn(positions, x, stream)
-        x, stream = self.post_attention_layernorm.stream(stream)
-        return self.mlp(x, stream)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the MLP output and the residual stream before it; the next norm adds them."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class Qwen3Model(nn.Module):
@@ -95,11 +99,10 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        stream = Residual(hidden)
+        residual = None
         for layer in self.layers:
-            stream = layer(positions, stream)
-        x, _ = self.norm.stream(stream)
-        return x.materialize() if isinstance(x, NormedInput) else x
+            hidden, residual = layer(positions, hidden, residual)
+        return self.norm(hidden, residual)[0]
 
 
 class Qwen3ForCausalLM(nn.Module):
