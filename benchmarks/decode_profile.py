@@ -104,23 +104,6 @@ def profile_steps(engine: Engine, bs: int, prompt_len: int, steps: int = 64, cpr
     return med
 
 
-def ablate(engine: Engine, sizes: list[int], prompt_len: int) -> None:
-    """Graph replays with and without o_proj's L2 prefetch (kernels/prefetch.py). Each variant recaptures the
-    graphs and runs a few real steps first, so the replay attends over a real context (a fresh capture's inputs
-    are empty sequences)."""
-    from stepserve.kernels.prefetch import prefetch_weight
-    from stepserve.layers.dispatch import register_kernel
-
-    for name, kernel in (("as is", prefetch_weight), ("no L2 prefetch", None), ("as is, again", prefetch_weight)):
-        register_kernel("prefetch_weight", kernel)
-        engine.runner.capture_graphs(engine.context_length)
-        row = {"variant": name}
-        for bs in sizes:
-            profile_steps(engine, bs, prompt_len, steps=4)
-            row[f"replay_ms_b{bs}"] = round(replay_ms(engine, bs), 3)
-        print(json.dumps(row))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", default="1,16,64")
@@ -128,8 +111,6 @@ def main() -> None:
     ap.add_argument("--cprofile", action="store_true", help="print the host functions' own time (largest batch)")
     ap.add_argument("--compare-linear", action="store_true",
                     help="also time the graph replays with cuBLAS for the decode linears instead of the skinny kernel")
-    ap.add_argument("--ablate", action="store_true",
-                    help="also time the replays without o_proj's L2 prefetch")
     ap.add_argument("--kernels", action="store_true", help="per-kernel GPU time of one graph replay (torch.profiler)")
     ap.add_argument("--quantization", default=None, help="fp8: block-fp8 decoder linears")
     args = ap.parse_args()
@@ -144,8 +125,6 @@ def main() -> None:
         if args.kernels:
             row["kernels"] = kernel_table(engine, bs)
         rows.append(row)
-    if args.ablate:
-        ablate(engine, sizes, args.prompt)
     if args.compare_linear:
         from stepserve.layers.dispatch import register_kernel
 

@@ -239,7 +239,7 @@ def test_install_registers_every_layer_function():
     layer_fns = {"rms_norm": norm_ref.rms_norm, "fused_add_rms_norm": norm_ref.fused_add_rms_norm,
                  "apply_rotary": rope_ref.apply_rotary, "qk_norm_rope": rope_ref.qk_norm_rope,
                  "qk_norm_rope_store_kv": attention.qk_norm_rope_store_kv, "silu_and_mul": act_ref.silu_and_mul,
-                 "fp8_linear": quant.fp8_linear, "linear": linear.linear, "prefetch_weight": linear.prefetch_weight}
+                 "fp8_linear": quant.fp8_linear, "linear": linear.linear}
     assert set(kernels.LAYER_KERNELS) == set(layer_fns)
     kernels.install_triton_kernels()
     try:

@@ -11,7 +11,6 @@ from stepserve.kernels.activation import silu_and_mul
 from stepserve.kernels.fp8_gemm import fp8_gemm
 from stepserve.kernels.gemv import linear
 from stepserve.kernels.paged_attention import decode_attention, extend_attention, paged_attention
-from stepserve.kernels.prefetch import prefetch_weight
 from stepserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from stepserve.kernels.rotary import apply_rotary, qk_norm_rope, qk_norm_rope_store_kv
 
@@ -26,7 +25,6 @@ LAYER_KERNELS = {
     "silu_and_mul": silu_and_mul,
     "fp8_linear": fp8_gemm,
     "linear": linear,
-    "prefetch_weight": prefetch_weight,
 }
 
 

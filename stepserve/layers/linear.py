@@ -26,12 +26,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return activate(F.linear(x, weight, bias), activation)
 
 
-@dispatched
-def prefetch_weight(weight: torch.Tensor, tokens: int) -> None:
-    """A hint that `weight` is read soon, after latency-bound work (decode attention): on CUDA, for a step of a
-    few tokens, its bytes are pulled into L2 meanwhile (kernels/prefetch.py). Nothing to do here."""
-
-
 def copy_weight(dst: torch.Tensor, src: torch.Tensor, source: str) -> None:
     """Copy checkpoint tensor `source` into `dst`; a shape mismatch, or fp8 bytes going into a wider
     parameter (which would drop their block scales), is a ModelLoadError naming the tensor."""

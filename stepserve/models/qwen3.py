@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from stepserve.layers.attention import Attention
-from stepserve.layers.linear import copy_weight, prefetch_weight
+from stepserve.layers.linear import copy_weight
 from stepserve.layers.norm import RMSNorm
 from stepserve.layers.quant import Fp8Config, make_linear
 from stepserve.layers.rotary import RotaryEmbedding
@@ -48,7 +48,6 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        prefetch_weight(self.o_proj.weight, x.shape[0])  # read by o_proj after the attention's kernel chain
         q = self.attn.qk_norm_rope_store(q.view(-1, self.num_heads, self.head_dim),
                                          k.view(-1, self.num_kv_heads, self.head_dim),
                                          v.view(-1, self.num_kv_heads, self.head_dim), self.q_norm.weight,

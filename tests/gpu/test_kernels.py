@@ -374,33 +374,3 @@ def test_tiny_decoder_through_decode_graphs(tmp_path):
 def test_silu_and_mul(T):
     x = torch.randn(T, 2 * 12288, device=DEV, dtype=torch.bfloat16) * 4
     _assert_bf16_close(silu_and_mul(x), act_ref.silu_and_mul.reference(x))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
-def test_prefetch_weight_in_a_pdl_chain(dtype):
-    """The L2 prefetch between a producer (GEMV) and its consumer (RMSNorm) in a CUDA graph: a hint that leaves the
-    weight alone and keeps the chain's order (the consumer still sees the producer's output)."""
-    from stepserve.kernels.gemv import linear_small_m
-    from stepserve.kernels.prefetch import prefetch_weight
-
-    w = torch.randn(4096, 4096, device="cuda").to(dtype)
-    before = w.view(torch.uint8).clone()
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-    w1 = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64
-    norm_w = torch.rand(4096, device="cuda", dtype=torch.bfloat16)
-
-    def chain():
-        h = linear_small_m(x, w1)
-        prefetch_weight(w, 1)
-        return rms_norm(h, norm_w, 1e-6)
-
-    chain()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain()
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, rms_norm(linear_small_m(x, w1), norm_w, 1e-6))  # the same kernels, eagerly
-    assert torch.equal(w.view(torch.uint8), before)
