@@ -78,7 +78,9 @@ def _attend_range(q, k_ptr, v_ptr, table_ptr, start, full_end, end, last_key, di
     return acc, m_i, l_i
 
 
-@triton.jit
+# Integer arguments that change with the batch are not specialized: Triton would otherwise build a kernel again
+# (~1.3 s, on a user's request) the first time one is 1 or a multiple of 16, e.g. a prompt of 96 KV pages.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, kv_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
                    qk_scale, v_scale, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_bt,
                    stride_ot, stride_oh,
@@ -141,7 +143,7 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _extend_kernel(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_lens_ptr, kv_lens_ptr, out_ptr, num_seqs,
                    qk_scale, v_scale, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_bt,
                    stride_ot, stride_oh,
