@@ -88,6 +88,16 @@ def test_extend_attention(kern, kv_dtype, kv_scale, num_heads, num_kv_heads, pag
     assert _rel_err(out, ref) < 2e-3
 
 
+def test_extend_attention_many_sequences(kern):
+    # More sequences than the kernel's block of 16: each tile finds its sequence across blocks of the prefix sum.
+    q_lens = torch.randint(1, 9, (37,)).tolist()
+    kv_lens = [q + int(torch.randint(0, 12, ())) for q in q_lens]
+    q, kv_cache, ctx = _paged_case(q_lens, kv_lens, num_heads=2, num_kv_heads=1, head_dim=16)
+    ref = paged_attention_reference(q.float(), kv_cache, ctx, 0.2)
+    out = kern.paged_attention.extend_attention(q, kv_cache, ctx, 0.2, block_m=4, block_n=16)
+    assert _rel_err(out, ref) < 2e-3
+
+
 def test_paged_attention_dispatch_and_strided_q(kern):
     for q_lens, kv_lens in (([1, 1], [20, 3]), ([3, 1], [20, 3])):
         q, kv_cache, ctx = _paged_case(q_lens, kv_lens, page_size=16, head_dim=16)

@@ -153,16 +153,25 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_lens_ptr, kv_lens_ptr, o
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     pdl.wait_for_predecessor(USE_PDL)  # before the early exit below: every program must wait
-    # Tiles are numbered over all sequences (no host list): find this tile's sequence by a prefix sum.
-    b = tl.arange(0, BLOCK_B)
-    lo = tl.load(cu_q_lens_ptr + b, mask=b < num_seqs, other=0)
-    hi = tl.load(cu_q_lens_ptr + b + 1, mask=b < num_seqs, other=0)
-    n_tiles = tl.cdiv(hi - lo, TOKENS)
-    tiles_end = tl.cumsum(n_tiles, 0)
-    seq = tl.sum((tiles_end <= tile).to(tl.int32), 0)
+    # Tiles are numbered over all sequences (no host list): find this tile's sequence by a prefix sum, BLOCK_B
+    # sequences at a time (one build serves every batch size).
+    seq = 0  # sequences that end at or before this tile
+    seq_tiles = 0  # the tile's sequence: its tile count and the tile number it ends at
+    seq_end = 0
+    done = 0  # tiles of the sequences before this block
+    for first in range(0, num_seqs, BLOCK_B):
+        b = first + tl.arange(0, BLOCK_B)
+        lo = tl.load(cu_q_lens_ptr + b, mask=b < num_seqs, other=0)
+        hi = tl.load(cu_q_lens_ptr + b + 1, mask=b < num_seqs, other=0)
+        n_tiles = tl.cdiv(hi - lo, TOKENS)
+        tiles_end = done + tl.cumsum(n_tiles, 0)
+        seq += tl.sum((tiles_end <= tile).to(tl.int32), 0)
+        owns = (tiles_end > tile) & (tiles_end - n_tiles <= tile)
+        seq_tiles += tl.sum(tl.where(owns, n_tiles, 0), 0)
+        seq_end += tl.sum(tl.where(owns, tiles_end, 0), 0)
+        done += tl.sum(n_tiles, 0)
     if seq < num_seqs:
-        seq_tiles = tl.sum(tl.where(b == seq, n_tiles, 0), 0)
-        local = tile - tl.sum(tl.where(b == seq, tiles_end, 0), 0) + seq_tiles
+        local = tile - seq_end + seq_tiles
         q_block = seq_tiles - 1 - local  # the costliest (last) tiles of a sequence start first
         q_start = tl.load(cu_q_lens_ptr + seq)
         q_len = tl.load(cu_q_lens_ptr + seq + 1) - q_start
@@ -281,7 +290,7 @@ def extend_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), ctx.block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
-        BLOCK_B=max(16, triton.next_power_of_2(batch)), USE_PDL=use_pdl, num_warps=num_warps,
+        BLOCK_B=16, USE_PDL=use_pdl, num_warps=num_warps,
         num_stages=num_stages, launch_pdl=use_pdl)
     return out
 
