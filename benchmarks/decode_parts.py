@@ -1,0 +1,69 @@
+"""What each part of the batch-1 decode step costs: graph replays with a part skipped or configured differently.
+
+    python benchmarks/decode_parts.py [--quantization fp8] [--prompt 1412]
+
+Skipping a part gives wrong outputs; only the replay time matters: the difference to the baseline is what that
+part costs inside the real step, PDL overlap included (a kernel micro-benchmark cannot show that). Each variant
+recaptures the graphs, then runs real steps (eager prefill with every kernel) so the replay attends over a
+real context: a fresh capture's static inputs are empty sequences.
+"""
+
+import argparse
+import json
+
+from decode_profile import profile_steps, replay_ms
+
+from stepserve.config import EngineConfig
+from stepserve.engine.engine import Engine
+from stepserve.kernels import decode_attention, extend_attention
+from stepserve.layers import attention
+from stepserve.layers.dispatch import _KERNELS, register_kernel
+from stepserve.testing import real_dummy_checkpoint
+
+
+def decode_with(**options):
+    """An attention backend whose decode kernel runs with `options` (num_splits, block_n, early_v, ...)."""
+    def backend(q, kv_cache, ctx, scale):
+        if ctx.is_decode:
+            return decode_attention(q, kv_cache, ctx, scale, **options)
+        return extend_attention(q, kv_cache, ctx, scale)
+    return backend
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--prompt", type=int, default=1412)
+    args = ap.parse_args()
+    engine = Engine(EngineConfig(model=str(real_dummy_checkpoint("/tmp/step3-vl-10b-dummy")), load_format="dummy",
+                                 context_length=32768, quantization=args.quantization))
+    kernels = {name: _KERNELS[name] for name in ("qk_norm_rope_store_kv", "rms_norm", "fused_add_rms_norm")}
+    backend = attention.attention_backend()
+    skip_attention = lambda q, kv_cache, ctx, scale: q  # noqa: E731
+    variants = {
+        "baseline": {},
+        "no rope+store": {"qk_norm_rope_store_kv": lambda q, k, v, *a: q},
+        "no attention (split + reduce)": {"attention": skip_attention},
+        "no norms": {"rms_norm": lambda x, w, eps: x, "fused_add_rms_norm": lambda x, r, w, eps: (x, r)},
+        "attention: 16 splits": {"attention": decode_with(num_splits=16)},
+        "attention: 32-key blocks": {"attention": decode_with(block_n=32)},
+        "attention: V loaded with K": {"attention": decode_with(early_v=True)},
+        "attention: 2 warps": {"attention": decode_with(num_warps=2)},
+        "attention: 1 stage": {"attention": decode_with(num_stages=1)},
+        "baseline again": {},
+    }
+    for name, swap in variants.items():
+        for kernel, fn in kernels.items():
+            register_kernel(kernel, swap.get(kernel, fn))
+        attention.set_attention_backend(swap.get("attention", backend))
+        engine.runner.capture_graphs(engine.context_length)
+        for kernel, fn in kernels.items():  # the real kernels again for the eager prefill
+            register_kernel(kernel, fn)
+        attention.set_attention_backend(backend)
+        profile_steps(engine, 1, args.prompt, steps=4)
+        print(json.dumps({"quantization": args.quantization, "variant": name,
+                          "replay_ms_b1": round(replay_ms(engine, 1), 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
