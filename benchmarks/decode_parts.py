@@ -22,7 +22,7 @@ from stepserve.testing import real_dummy_checkpoint
 
 
 def decode_with(**options):
-    """An attention backend whose decode kernel runs with `options` (num_splits, block_n, early_v, ...)."""
+    """An attention backend whose decode kernel runs with `options` (num_splits, block_n, num_warps, ...)."""
     def backend(q, kv_cache, ctx, scale):
         if ctx.is_decode:
             return decode_attention(q, kv_cache, ctx, scale, **options)
@@ -47,7 +47,6 @@ def main() -> None:
         "no norms": {"rms_norm": lambda x, w, eps: x, "fused_add_rms_norm": lambda x, r, w, eps: (x, r)},
         "attention: 16 splits": {"attention": decode_with(num_splits=16)},
         "attention: 32-key blocks": {"attention": decode_with(block_n=32)},
-        "attention: V loaded with K": {"attention": decode_with(early_v=True)},
         "attention: 2 warps": {"attention": decode_with(num_warps=2)},
         "attention: 1 stage": {"attention": decode_with(num_stages=1)},
         "baseline again": {},

@@ -30,9 +30,8 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, keys, last_key, kv_end, dims, qk_scale,
-                  stride_kp, stride_ks, MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr, EARLY_V: tl.constexpr):
-    """One online-softmax step over the keys `keys`, with base-2 scores (qk_scale includes log2 e). EARLY_V
-    issues V's load with K's, before the scores (one memory round trip less per block, V held meanwhile)."""
+                  stride_kp, stride_ks, MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """One online-softmax step over the keys `keys`, with base-2 scores (qk_scale includes log2 e)."""
     if MASKED:
         key_ok = keys < kv_end
         pages = tl.load(table_ptr + keys // PAGE_SIZE, mask=key_ok, other=0).to(tl.int64)
@@ -44,11 +43,6 @@ def _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, keys, last_key, kv_
         k = tl.load(k_ptr + ptrs, mask=key_ok[:, None], other=0.0)
     else:
         k = tl.load(k_ptr + ptrs)
-    if EARLY_V:
-        if MASKED:
-            v = tl.load(v_ptr + ptrs, mask=key_ok[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptr + ptrs)
     s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
     if MASKED:
         # last_key [rows]: the causal limit of each query row.
@@ -57,11 +51,10 @@ def _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, keys, last_key, kv_
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if not EARLY_V:
-        if MASKED:
-            v = tl.load(v_ptr + ptrs, mask=key_ok[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptr + ptrs)
+    if MASKED:
+        v = tl.load(v_ptr + ptrs, mask=key_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptr + ptrs)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
     return acc, m_new, l_i
 
@@ -69,7 +62,7 @@ def _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, keys, last_key, kv_
 @triton.jit
 def _attend_range(q, k_ptr, v_ptr, table_ptr, start, full_end, end, last_key, dims, qk_scale,
                   stride_kp, stride_ks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, EARLY_V: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """Attend over keys [start, end): unmasked full blocks up to `full_end`, then masked blocks."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -77,11 +70,11 @@ def _attend_range(q, k_ptr, v_ptr, table_ptr, start, full_end, end, last_key, di
     for n0 in range(start, full_end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, keys, last_key, end, dims,
-                                      qk_scale, stride_kp, stride_ks, False, PAGE_SIZE, EARLY_V)
+                                      qk_scale, stride_kp, stride_ks, False, PAGE_SIZE)
     for n0 in range(full_end, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, keys, last_key, end, dims,
-                                      qk_scale, stride_kp, stride_ks, True, PAGE_SIZE, EARLY_V)
+                                      qk_scale, stride_kp, stride_ks, True, PAGE_SIZE)
     return acc, m_i, l_i
 
 
@@ -92,8 +85,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, kv_lens_ptr, out_ptr, part_ou
                    qk_scale, v_scale, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_bt,
                    stride_ot, stride_oh,
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, EARLY_V: tl.constexpr,
-                   USE_PDL: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -116,7 +108,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, kv_lens_ptr, out_ptr, part_ou
     kv_off = kv_head * stride_kh
     acc, m_i, l_i = _attend_range(q, k_ptr + kv_off, v_ptr + kv_off, table_ptr + seq * stride_bt,
                                   start, full_end, end, last_key, dims, qk_scale, stride_kp, stride_ks,
-                                  BLOCK_H, BLOCK_N, HEAD_DIM, PAGE_SIZE, EARLY_V)
+                                  BLOCK_H, BLOCK_N, HEAD_DIM, PAGE_SIZE)
     # An empty split (or a padded sequence with kv_len 0) has l_i == 0: output 0, lse -inf.
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale
     if NUM_SPLITS == 1:
@@ -201,7 +193,7 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_lens_ptr, kv_lens_ptr, o
         kv_off = kv_head * stride_kh
         acc, m_i, l_i = _attend_range(q, k_ptr + kv_off, v_ptr + kv_off, table_ptr + seq * stride_bt,
                                       0, full_end, end, last_key, dims, qk_scale, stride_kp, stride_ks,
-                                      BLOCK_M, BLOCK_N, HEAD_DIM, PAGE_SIZE, False)
+                                      BLOCK_M, BLOCK_N, HEAD_DIM, PAGE_SIZE)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale
         out_off = (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
         tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -241,7 +233,7 @@ def default_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, num_sms: 
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, scale: float, *,
                      num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
-                     num_stages: int = 2, early_v: bool = False) -> torch.Tensor:
+                     num_stages: int = 2) -> torch.Tensor:
     """Attention of one new token per sequence (q [B, Hq, D]) over its cached keys, split over the KV.
 
     Launch sizes depend only on B and `num_splits` (from `ctx.max_kv_len` unless given), so a CUDA graph
@@ -267,7 +259,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), ctx.block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=block_n, PAGE_SIZE=page_size, NUM_SPLITS=num_splits, EARLY_V=early_v, USE_PDL=use_pdl,
+        BLOCK_N=block_n, PAGE_SIZE=page_size, NUM_SPLITS=num_splits, USE_PDL=use_pdl,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
