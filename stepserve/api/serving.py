@@ -133,8 +133,8 @@ class Serving:
         return reasoning, tools
 
     # --- /v1/chat/completions -----------------------------------------------------------------
-    async def chat(self, req: P.ChatCompletionRequest, request: Request, arrival: float | None = None):
-        t0 = arrival or time.monotonic()
+    async def chat(self, req: P.ChatCompletionRequest, request: Request, t0: float):
+        """t0: the request's arrival (before its body was read), where its latency metrics start."""
         self.check_model(req.model)
         self.check_capacity()
         reasoning, tools = self._parsers(req)
@@ -144,7 +144,6 @@ class Serving:
         inputs = await self._prepare_images(sources, image_part_params(req.messages))
         ids, images = await self._in_pool(self._token_ids, prompt, inputs)
         params = P.to_sampling_params(req, self.engine.context_length, len(ids))
-        self.metrics.prepare.observe(time.monotonic() - t0)
         rid = P.new_id("chatcmpl-")
         stream = _Generation(self, rid, t0, self.engine.generate(ids, images, params, rid, prompt=prompt))
         await stream.start()
@@ -214,8 +213,8 @@ class Serving:
                                          for x in logprobs])
 
     # --- /v1/completions ----------------------------------------------------------------------
-    async def completion(self, req: P.CompletionRequest, request: Request, arrival: float | None = None):
-        t0 = arrival or time.monotonic()
+    async def completion(self, req: P.CompletionRequest, request: Request, t0: float):
+        """t0: the request's arrival (before its body was read), where its latency metrics start."""
         self.check_model(req.model)
         self.check_capacity()
         prompts = req.prompts()
@@ -223,7 +222,6 @@ class Serving:
             raise InvalidRequestError("one prompt per request (send several requests to batch)", param="prompt")
         ids, _ = await self._in_pool(self._token_ids, prompts[0], [])
         params = P.to_sampling_params(req, self.engine.context_length, len(ids))
-        self.metrics.prepare.observe(time.monotonic() - t0)
         rid = P.new_id("cmpl-")
         stream = _Generation(self, rid, t0, self.engine.generate(ids, [], params, rid))
         await stream.start()
@@ -317,6 +315,7 @@ class _Generation:
 
     def __init__(self, serving: Serving, rid: str, t0: float, gen: AsyncIterator[RequestOutput]):
         self.serving, self.rid, self.t0, self._gen = serving, rid, t0, gen
+        serving.metrics.prepare.observe(time.monotonic() - t0)  # the request reaches the engine now
         self._first: RequestOutput | None = None
         self.last: RequestOutput | None = None
         self.ttft: float | None = None
