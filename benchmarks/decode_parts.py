@@ -15,19 +15,20 @@ from decode_profile import profile_steps, replay_ms
 
 from stepserve.config import EngineConfig
 from stepserve.engine.engine import Engine
-from stepserve.kernels import decode_attention, extend_attention
-from stepserve.layers import attention
+from stepserve.kernels import decode_attention, qk_norm_rope_attend
+from stepserve.kernels.paged_attention import StepKV
 from stepserve.layers.dispatch import _KERNELS, register_kernel
 from stepserve.testing import real_dummy_checkpoint
 
 
 def decode_with(**options):
-    """An attention backend whose decode kernel runs with `options` (num_splits, block_n, num_warps, ...)."""
-    def backend(q, kv_cache, ctx, scale):
+    """`qk_norm_rope_attend` whose decode kernel runs with `options` (num_splits, block_n, num_warps, ...)."""
+    def attend(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, kv_cache, ctx, scale):
         if ctx.is_decode:
-            return decode_attention(q, kv_cache, ctx, scale, **options)
-        return extend_attention(q, kv_cache, ctx, scale)
-    return backend
+            step_kv = StepKV(k, v, q_weight, k_weight, eps, positions, cos_sin_cache)
+            return decode_attention(q, kv_cache, ctx, scale, step_kv=step_kv, **options)
+        return qk_norm_rope_attend(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, kv_cache, ctx, scale)
+    return attend
 
 
 def main() -> None:
@@ -37,28 +38,23 @@ def main() -> None:
     args = ap.parse_args()
     engine = Engine(EngineConfig(model=str(real_dummy_checkpoint("/tmp/step3-vl-10b-dummy")), load_format="dummy",
                                  context_length=32768, quantization=args.quantization))
-    kernels = {name: _KERNELS[name] for name in ("qk_norm_rope_store_kv", "rms_norm", "fused_add_rms_norm")}
-    backend = attention.attention_backend()
-    skip_attention = lambda q, kv_cache, ctx, scale: q  # noqa: E731
+    kernels = {name: _KERNELS[name] for name in ("qk_norm_rope_attend", "rms_norm", "fused_add_rms_norm")}
     variants = {
         "baseline": {},
-        "no rope+store": {"qk_norm_rope_store_kv": lambda q, k, v, *a: q},
-        "no attention (split + reduce)": {"attention": skip_attention},
+        "rope + store in their own kernel": {"qk_norm_rope_attend": None},  # the layer's two-step path
+        "no attention (rope, store, split kernel + reduce)": {"qk_norm_rope_attend": lambda q, *a: q},
         "no norms": {"rms_norm": lambda x, w, eps: x, "fused_add_rms_norm": lambda x, r, w, eps: (x, r)},
-        "attention: 16 splits": {"attention": decode_with(num_splits=16)},
-        "attention: 32-key blocks": {"attention": decode_with(block_n=32)},
-        "attention: 2 warps": {"attention": decode_with(num_warps=2)},
-        "attention: 1 stage": {"attention": decode_with(num_stages=1)},
+        "attention: 16 splits": {"qk_norm_rope_attend": decode_with(num_splits=16)},
+        "attention: 32-key blocks": {"qk_norm_rope_attend": decode_with(block_n=32)},
+        "attention: 1 stage": {"qk_norm_rope_attend": decode_with(num_stages=1)},
         "baseline again": {},
     }
     for name, swap in variants.items():
         for kernel, fn in kernels.items():
             register_kernel(kernel, swap.get(kernel, fn))
-        attention.set_attention_backend(swap.get("attention", backend))
         engine.runner.capture_graphs(engine.context_length)
         for kernel, fn in kernels.items():  # the real kernels again for the eager prefill
             register_kernel(kernel, fn)
-        attention.set_attention_backend(backend)
         profile_steps(engine, 1, args.prompt, steps=4)
         print(json.dumps({"quantization": args.quantization, "variant": name,
                           "replay_ms_b1": round(replay_ms(engine, 1), 3)}), flush=True)

@@ -28,7 +28,7 @@ import triton
 
 from stepserve.kernels import (decode_attention, extend_attention, fused_add_rms_norm, qk_norm_rope,
                                qk_norm_rope_store_kv, rms_norm, silu_and_mul)
-from stepserve.kernels.paged_attention import default_num_splits
+from stepserve.kernels.paged_attention import StepKV, default_num_splits
 from stepserve.layers import activation as act_ref
 from stepserve.layers import norm as norm_ref
 from stepserve.layers import rotary as rope_ref
@@ -243,12 +243,14 @@ def pdl_setting(on: bool):
             os.environ["STEPSERVE_PDL"] = before
 
 
-def decode_chain(layers: int, kv_len: int, splits: int, kv_dtype: torch.dtype = torch.bfloat16):
+def decode_chain(layers: int, kv_len: int, splits: int, kv_dtype: torch.dtype = torch.bfloat16,
+                 fused: bool = False):
     """A batch-1 decode step's small kernels without its GEMVs: `layers` x [add_rms_norm, norm + rope + KV store,
     decode attention (split kernel + reduce when splits > 1)], each reading what the one before wrote (q is the
     norm's output, k and v slices of the residual, the attention output the next layer's input), so the chain
-    is as dependent as the step's. Returns (run, caches): run(x, residual), both [1, HIDDEN], returns the last
-    (hidden, residual) and writes each layer's new K/V to the same slot of its cache."""
+    is as dependent as the step's; `fused`: the rope and store inside the decode kernel (what Qwen3 runs).
+    Returns (run, caches): run(x, residual), both [1, HIDDEN], returns the last (hidden, residual) and writes
+    each layer's new K/V to the same slot of its cache."""
     page = 16
     pages = triton.cdiv(kv_len, page)
     kv_scale = 1.0 if kv_dtype == torch.bfloat16 else 0.05
@@ -263,10 +265,15 @@ def decode_chain(layers: int, kv_len: int, splits: int, kv_dtype: torch.dtype = 
         for layer in range(layers):
             h, res = fused_add_rms_norm(x, res, norm_w[layer], 1e-6)
             kv = res.view(1, HQ, D)
-            q = qk_norm_rope_store_kv(h.view(1, HQ, D), kv[:, :HKV], kv[:, HKV: 2 * HKV], qk_w[layer, 0],
-                                      qk_w[layer, 1], 1e-6, positions, cos_sin, caches[layer], ctx.slot_mapping,
-                                      kv_scale)
-            x = decode_attention(q, caches[layer], ctx, SCALE, num_splits=splits).view(1, HIDDEN)
+            q, k, v = h.view(1, HQ, D), kv[:, :HKV], kv[:, HKV: 2 * HKV]
+            if fused:
+                step_kv = StepKV(k, v, qk_w[layer, 0], qk_w[layer, 1], 1e-6, positions, cos_sin)
+                x = decode_attention(q, caches[layer], ctx, SCALE, step_kv=step_kv, num_splits=splits)
+            else:
+                q = qk_norm_rope_store_kv(q, k, v, qk_w[layer, 0], qk_w[layer, 1], 1e-6, positions, cos_sin,
+                                          caches[layer], ctx.slot_mapping, kv_scale)
+                x = decode_attention(q, caches[layer], ctx, SCALE, num_splits=splits)
+            x = x.view(1, HIDDEN)
         return x, res
 
     return run, caches
@@ -274,10 +281,12 @@ def decode_chain(layers: int, kv_len: int, splits: int, kv_dtype: torch.dtype = 
 
 def bench_pdl_chain(results):
     """The decode chain over 36 layers at b1 x kv1536 as one graph, PDL off vs on, with the splits of a graph
-    captured for a 32k context (what the runner replays) and for the length itself."""
+    captured for a 32k context (what the runner replays) and for the length itself; the rope and store in
+    their own kernel and fused into the decode kernel."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for splits in (default_num_splits(1, HKV, 32768, sms), default_num_splits(1, HKV, 1536, sms)):
-        run, _ = decode_chain(LAYERS, 1536, splits)
+    for splits, fused in itertools.product((default_num_splits(1, HKV, 32768, sms),
+                                            default_num_splits(1, HKV, 1536, sms)), (False, True)):
+        run, _ = decode_chain(LAYERS, 1536, splits, fused=fused)
         x, res = (torch.randn(1, HIDDEN, device=DEV, dtype=torch.bfloat16) for _ in range(2))
         us, outs = {}, {}
         for on in (False, True):
@@ -285,7 +294,7 @@ def bench_pdl_chain(results):
                 outs[on] = [t.clone() for t in run(x, res)]
                 us[on] = graph_us([lambda: run(x, res)]) / LAYERS
         assert all(torch.equal(a, b) for a, b in zip(outs[False], outs[True])), "PDL changed the result"
-        kernels = 3 + (splits > 1)
+        kernels = 3 + (splits > 1) - fused
         side_by_side(results, "pdl chain", f"b1 kv1536 splits {splits}, {kernels} kernels", "PDL off", us[False],
                      "PDL on", us[True])
 

@@ -235,6 +235,61 @@ def test_qk_norm_rope_store_kv(kern, exact_fp8_casts, kv_dtype, kv_scale):
         assert cache[1].float().view(-1, d)[slots[0] * hkv, :2].tolist() == [448.0, -448.0]  # saturated
 
 
+@pytest.mark.parametrize("kv_dtype,kv_scale", [(torch.float16, 1.0), (torch.float8_e4m3fn, 0.05)])
+@pytest.mark.parametrize("num_splits", [1, 3, 20])
+def test_decode_with_qk_norm_rope_and_store(kern, exact_fp8_casts, kv_dtype, kv_scale, num_splits):
+    """The fused decode (`step_kv`): q and k normalized and rotated, the new K/V stored and attended, against
+    qk_norm_rope_store_kv + paged attention. Sequences of 1 key (only the new one), a block-aligned length
+    (the new key ends the first block), and one whose new key starts a block."""
+    from stepserve.layers import attention
+
+    hq, hkv, d, page_size = 6, 2, 32, 4
+    kv_lens = [1, 16, 33, 7]
+    q, kv_cache, ctx = _paged_case([1] * 4, kv_lens, num_heads=hq, num_kv_heads=hkv, head_dim=d,
+                                   page_size=page_size, kv_dtype=kv_dtype, kv_scale=kv_scale)
+    B = len(kv_lens)
+    qkv = torch.randn(B, (hq + 2 * hkv) * d, dtype=torch.float16) * 4
+    q, k, v = (t.view(B, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    cos_sin = rope_ref.rotary_cos_sin_cache(d, 64, 10000.0)
+    positions = torch.tensor(kv_lens) - 1
+    qw, kw = torch.randn(d, dtype=torch.float16), torch.randn(d, dtype=torch.float16)
+    cache_ref, qkv_before = kv_cache.clone(), qkv.clone()
+
+    q_rot = attention.qk_norm_rope_store_kv.reference(q, k, v, qw, kw, 1e-6, positions, cos_sin, cache_ref,
+                                                      ctx.slot_mapping, kv_scale)
+    ref = paged_attention_reference(q_rot.float(), cache_ref, ctx, 0.25)
+    step_kv = kern.paged_attention.StepKV(k, v, qw, kw, 1e-6, positions, cos_sin)
+    out = kern.paged_attention.decode_attention(q, kv_cache, ctx, 0.25, step_kv=step_kv, num_splits=num_splits,
+                                                block_n=16)
+    assert torch.equal(qkv, qkv_before)  # q, k and v are only read
+    assert _rel_err(out, ref) < 2e-3
+    if kv_dtype == torch.float16:
+        _assert_close(kv_cache, cache_ref)
+    else:  # as in test_qk_norm_rope_store_kv: a rare flip of one rounding step
+        torch.testing.assert_close(kv_cache.float(), cache_ref.float(), rtol=2 ** -3, atol=2 ** -9)
+        assert (kv_cache.float() == cache_ref.float()).float().mean() > 0.99
+
+
+def test_qk_norm_rope_attend_extend_path(kern):
+    """A prefill through `qk_norm_rope_attend` (rotary kernel + extend) equals the layer's reference."""
+    from stepserve.layers import attention
+
+    hq, hkv, d = 4, 2, 32
+    q, kv_cache, ctx = _paged_case([5, 1], [9, 4], num_heads=hq, num_kv_heads=hkv, head_dim=d)
+    T = 6
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, dtype=torch.float16)
+    q, k, v = (t.view(T, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    cos_sin = rope_ref.rotary_cos_sin_cache(d, 64, 10000.0)
+    positions = torch.tensor([4, 5, 6, 7, 8, 3])
+    qw, kw = torch.randn(d, dtype=torch.float16), torch.randn(d, dtype=torch.float16)
+    cache_ref = kv_cache.clone()
+    ref = attention.qk_norm_rope_attend.reference(q.clone(), k, v, qw, kw, 1e-6, positions, cos_sin, cache_ref,
+                                                  ctx, 0.3)
+    out = kern.paged_attention.qk_norm_rope_attend(q, k, v, qw, kw, 1e-6, positions, cos_sin, kv_cache, ctx, 0.3)
+    assert _rel_err(out, ref) < 2e-3
+    _assert_close(kv_cache, cache_ref)
+
+
 def test_silu_and_mul(kern):
     x = torch.randn(3, 2 * 2 * 40, dtype=torch.float16)[:, : 2 * 40] * 3  # strided rows, I not a power of 2
     _assert_close(kern.activation.silu_and_mul(x), act_ref.silu_and_mul.reference(x))
@@ -248,7 +303,8 @@ def test_install_registers_every_layer_function():
 
     layer_fns = {"rms_norm": norm_ref.rms_norm, "fused_add_rms_norm": norm_ref.fused_add_rms_norm,
                  "apply_rotary": rope_ref.apply_rotary, "qk_norm_rope": rope_ref.qk_norm_rope,
-                 "qk_norm_rope_store_kv": attention.qk_norm_rope_store_kv, "silu_and_mul": act_ref.silu_and_mul,
+                 "qk_norm_rope_store_kv": attention.qk_norm_rope_store_kv,
+                 "qk_norm_rope_attend": attention.qk_norm_rope_attend, "silu_and_mul": act_ref.silu_and_mul,
                  "fp8_linear": quant.fp8_linear, "linear": linear.linear}
     assert set(kernels.LAYER_KERNELS) == set(layer_fns)
     kernels.install_triton_kernels()

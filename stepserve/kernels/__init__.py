@@ -10,7 +10,7 @@ from __future__ import annotations
 from stepserve.kernels.activation import silu_and_mul
 from stepserve.kernels.fp8_gemm import fp8_gemm
 from stepserve.kernels.gemv import linear
-from stepserve.kernels.paged_attention import decode_attention, extend_attention, paged_attention
+from stepserve.kernels.paged_attention import decode_attention, extend_attention, paged_attention, qk_norm_rope_attend
 from stepserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from stepserve.kernels.rotary import apply_rotary, qk_norm_rope, qk_norm_rope_store_kv
 
@@ -22,6 +22,7 @@ LAYER_KERNELS = {
     "apply_rotary": apply_rotary,
     "qk_norm_rope": qk_norm_rope,
     "qk_norm_rope_store_kv": qk_norm_rope_store_kv,
+    "qk_norm_rope_attend": qk_norm_rope_attend,
     "silu_and_mul": silu_and_mul,
     "fp8_linear": fp8_gemm,
     "linear": linear,
@@ -39,5 +40,5 @@ def install_triton_kernels(enable: bool = True) -> None:
 
 
 __all__ = ["apply_rotary", "decode_attention", "extend_attention", "fp8_gemm", "fused_add_rms_norm",
-           "install_triton_kernels", "paged_attention", "qk_norm_rope", "qk_norm_rope_store_kv", "rms_norm",
+           "install_triton_kernels", "paged_attention", "qk_norm_rope", "qk_norm_rope_attend", "qk_norm_rope_store_kv", "rms_norm",
            "silu_and_mul", "LAYER_KERNELS"]

@@ -9,40 +9,53 @@ the output (V): the same function as the reference, which scales K/V after loadi
 Decode (every sequence has one new token) is CUDA-graph capturable: the grid and scratch buffers depend
 only on the batch size and the number of KV splits, never on data; each sequence's keys are divided among
 the splits in-kernel from `kv_lens`, splits with no keys write an empty partial, and a second small kernel
-combines the partials, skipping the empty ones. On Hopper every kernel here launches with PDL
-(`stepserve.kernels.pdl`), so the reduce kernel's launch overlaps the split kernel's tail.
+combines the partials, skipping the empty ones. The step's new key is the one K/V row an earlier kernel of
+the step writes: the split that holds it attends to it last, so everything else (lengths, pages, the first
+block of cached K/V) loads before the PDL wait. For Qwen3 the decode kernel also does the per-head norm and
+rotation of q and k and the store of the new K/V (`qk_norm_rope_attend`): no rotary kernel runs between the
+qkv projection and attention. On Hopper every kernel here launches with PDL (`stepserve.kernels.pdl`), so
+the reduce kernel's launch overlaps the split kernel's tail.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from stepserve.kernels import pdl
+from stepserve.kernels.rotary import _load_weight, _norm_rotate, _to_cache, qk_norm_rope_store_kv
 from stepserve.layers.attention import ForwardContext
 
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, keys, last_key, kv_end, dims, qk_scale,
-                  stride_kp, stride_ks, MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr):
-    """One online-softmax step over the keys `keys`, with base-2 scores (qk_scale includes log2 e)."""
+def _kv_rows(table_ptr, keys, kv_end, stride_kp, stride_ks, MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """Offsets of the cache rows of `keys` (through the page table) and which of them exist (< kv_end)."""
+    key_ok = keys < kv_end
     if MASKED:
-        key_ok = keys < kv_end
         pages = tl.load(table_ptr + keys // PAGE_SIZE, mask=key_ok, other=0).to(tl.int64)
     else:
         pages = tl.load(table_ptr + keys // PAGE_SIZE).to(tl.int64)
-    rows = pages * stride_kp + (keys % PAGE_SIZE) * stride_ks
-    ptrs = rows[:, None] + dims[None, :]
+    return pages * stride_kp + (keys % PAGE_SIZE) * stride_ks, key_ok
+
+
+@triton.jit
+def _load_rows(ptr, rows, key_ok, dims, MASKED: tl.constexpr):
     if MASKED:
-        k = tl.load(k_ptr + ptrs, mask=key_ok[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptr + ptrs)
+        return tl.load(ptr + rows[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
+    return tl.load(ptr + rows[:, None] + dims[None, :])
+
+
+@triton.jit
+def _softmax_step(q, k, acc, m_i, l_i, keys, key_ok, last_key, qk_scale, MASKED: tl.constexpr):
+    """The online-softmax update for one block of keys with base-2 scores (qk_scale includes log2 e): the
+    rescaled accumulator and sums, and the block's probabilities p for `acc += p @ V`."""
     s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
     if MASKED:
         # last_key [rows]: the causal limit of each query row.
@@ -50,23 +63,24 @@ def _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, keys, last_key, kv_
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        v = tl.load(v_ptr + ptrs, mask=key_ok[:, None], other=0.0)
-    else:
-        v = tl.load(v_ptr + ptrs)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-    return acc, m_new, l_i
+    return acc * alpha[:, None], m_new, l_i * alpha + tl.sum(p, 1), p
 
 
 @triton.jit
-def _attend_range(q, k_ptr, v_ptr, table_ptr, start, full_end, end, last_key, dims, qk_scale,
-                  stride_kp, stride_ks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr):
+def _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, keys, last_key, kv_end, dims, qk_scale,
+                  stride_kp, stride_ks, MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """One online-softmax step over the keys `keys`, loading them (V after the scores)."""
+    rows, key_ok = _kv_rows(table_ptr, keys, kv_end, stride_kp, stride_ks, MASKED, PAGE_SIZE)
+    k = _load_rows(k_ptr, rows, key_ok, dims, MASKED)
+    acc, m_i, l_i, p = _softmax_step(q, k, acc, m_i, l_i, keys, key_ok, last_key, qk_scale, MASKED)
+    v = _load_rows(v_ptr, rows, key_ok, dims, MASKED)
+    return acc + tl.dot(p.to(q.dtype), v.to(q.dtype)), m_i, l_i
+
+
+@triton.jit
+def _attend_range(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, start, full_end, end, last_key, dims, qk_scale,
+                  stride_kp, stride_ks, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """Attend over keys [start, end): unmasked full blocks up to `full_end`, then masked blocks."""
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for n0 in range(start, full_end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, keys, last_key, end, dims,
@@ -81,34 +95,92 @@ def _attend_range(q, k_ptr, v_ptr, table_ptr, start, full_end, end, last_key, di
 # Integer arguments that change with the batch are not specialized: Triton would otherwise build a kernel again
 # (~1.3 s, on a user's request) the first time one is 1 or a multiple of 16, e.g. a prompt of 96 KV pages.
 @triton.jit(do_not_specialize=["stride_bt"])
-def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, kv_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-                   qk_scale, v_scale, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_bt,
-                   stride_ot, stride_oh,
-                   GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
+def _decode_kernel(q_ptr, knew_ptr, vnew_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_ptr, eps, slot_ptr, fp8_max,
+                   k_ptr, v_ptr, table_ptr, kv_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, qk_scale, v_scale,
+                   stride_qt, stride_qh, stride_nt, stride_nh, stride_cs, stride_kp, stride_ks, stride_kh,
+                   stride_bt, stride_ot, stride_oh,
+                   GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, SATURATE: tl.constexpr,
+                   USE_PDL: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    pdl.wait_for_predecessor(USE_PDL)  # everything read here (q, the cache, lengths, pages) is step data
+    HALF: tl.constexpr = HEAD_DIM // 2
+    # Lengths, pages, slots and positions are copied in before the step's first kernel, and every key but the
+    # step's new one (the last) was cached by earlier steps: all of that is read before the PDL wait, so the
+    # first block's K/V loads overlap the kernel that computes q.
     kv_len = tl.load(kv_lens_ptr + seq)
     # Whole blocks per split, so only a sequence's very last block needs a mask; at least one block, so that
     # the number of non-empty splits, cdiv(kv_len, chunk), is defined for kv_len 0 too.
     chunk = tl.maximum(tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N), 1) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, kv_len)
-    full_end = tl.maximum(start, end - end % BLOCK_N)
+    old_end = tl.minimum(end, kv_len - 1)  # this split's keys cached by earlier steps: [start, old_end)
+    kv_off = kv_head * stride_kh
+    k_ptr += kv_off
+    v_ptr += kv_off
+    table_ptr += seq * stride_bt
+    dims = tl.arange(0, HEAD_DIM)
+    keys0 = start + tl.arange(0, BLOCK_N)
+    rows0, ok0 = _kv_rows(table_ptr, keys0, old_end, stride_kp, stride_ks, True, PAGE_SIZE)
+    k0 = _load_rows(k_ptr, rows0, ok0, dims, True)
+    v0 = _load_rows(v_ptr, rows0, ok0, dims, True)
+    slot = tl.load(slot_ptr + seq)
+    new_row = (slot // PAGE_SIZE) * stride_kp + (slot % PAGE_SIZE) * stride_ks
+    half = tl.arange(0, HALF)
+    if ROPE:
+        pos = tl.load(pos_ptr + seq).to(tl.int64)
+        cos = tl.load(cos_sin_ptr + pos * stride_cs + half)[None, :]
+        sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + half)[None, :]
+        qw1, qw2 = _load_weight(qw_ptr, HALF, HALF, True)
+        kw1, kw2 = _load_weight(kw_ptr, HALF, HALF, True)
+    pdl.wait_for_predecessor(USE_PDL)
 
     rows = tl.arange(0, BLOCK_H)
     row_ok = rows < GROUP
     heads = kv_head * GROUP + rows
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q_lo = q_ptr + seq * stride_qt + heads[:, None] * stride_qh + half[None, :]
+    if ROPE:  # q as computed by the qkv projection: normalize and rotate it here (each split redoes it: 1 KB)
+        q1, q2 = _norm_rotate(q_lo, row_ok[:, None], qw1, qw2, eps, cos, sin, HALF, True)
+    else:
+        q1 = tl.load(q_lo, mask=row_ok[:, None], other=0.0)
+        q2 = tl.load(q_lo + HALF, mask=row_ok[:, None], other=0.0)
+    q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_H, HEAD_DIM))
     last_key = tl.zeros([BLOCK_H], tl.int32) + (kv_len - 1)
-    kv_off = kv_head * stride_kh
-    acc, m_i, l_i = _attend_range(q, k_ptr + kv_off, v_ptr + kv_off, table_ptr + seq * stride_bt,
-                                  start, full_end, end, last_key, dims, qk_scale, stride_kp, stride_ks,
-                                  BLOCK_H, BLOCK_N, HEAD_DIM, PAGE_SIZE)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    if start < old_end:
+        acc, m_i, l_i, p = _softmax_step(q, k0, acc, m_i, l_i, keys0, ok0, last_key, qk_scale, True)
+        acc += tl.dot(p.to(q.dtype), v0.to(q.dtype))
+    rest = start + BLOCK_N
+    acc, m_i, l_i = _attend_range(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, rest,
+                                  tl.maximum(rest, old_end - old_end % BLOCK_N), old_end, last_key, dims, qk_scale,
+                                  stride_kp, stride_ks, BLOCK_N, PAGE_SIZE)
+    if (start < end) & (end == kv_len):  # this split holds the new key
+        if ROPE:  # compute it, store it, and use it as stored (an fp8 cache rounds it)
+            cache_dtype = k_ptr.dtype.element_ty
+            k_lo = knew_ptr + seq * stride_nt + kv_head * stride_nh + half[None, :]
+            k1, k2 = _norm_rotate(k_lo, half[None, :] < HALF, kw1, kw2, eps, cos, sin, HALF, True)
+            k1 = _to_cache(k1, v_scale, cache_dtype, fp8_max, SATURATE)
+            k2 = _to_cache(k2, v_scale, cache_dtype, fp8_max, SATURATE)
+            v_new = _to_cache(tl.load(vnew_ptr + seq * stride_nt + kv_head * stride_nh + dims), v_scale, cache_dtype,
+                              fp8_max, SATURATE)
+            tl.store(k_ptr + new_row + half[None, :], k1)
+            tl.store(k_ptr + new_row + HALF + half[None, :], k2)
+            tl.store(v_ptr + new_row + dims, v_new)
+        else:  # written by the kernel before this one
+            k1 = tl.load(k_ptr + new_row + half[None, :])
+            k2 = tl.load(k_ptr + new_row + HALF + half[None, :])
+            v_new = tl.load(v_ptr + new_row + dims)
+        s = tl.sum(q1.to(tl.float32) * k1.to(q.dtype).to(tl.float32), 1)
+        s = (s + tl.sum(q2.to(tl.float32) * k2.to(q.dtype).to(tl.float32), 1)) * qk_scale
+        m_new = tl.maximum(m_i, s)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v_new.to(q.dtype).to(tl.float32)[None, :]
+        m_i = m_new
     # An empty split (or a padded sequence with kv_len 0) has l_i == 0: output 0, lse -inf.
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale
     if NUM_SPLITS == 1:
@@ -191,9 +263,12 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_lens_ptr, kv_lens_ptr, o
         full_end = (kv_len - q_len + first_tok + 1) // BLOCK_N * BLOCK_N  # every row sees these keys
         end = kv_len - q_len + last_tok + 1
         kv_off = kv_head * stride_kh
-        acc, m_i, l_i = _attend_range(q, k_ptr + kv_off, v_ptr + kv_off, table_ptr + seq * stride_bt,
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        acc, m_i, l_i = _attend_range(q, acc, m_i, l_i, k_ptr + kv_off, v_ptr + kv_off, table_ptr + seq * stride_bt,
                                       0, full_end, end, last_key, dims, qk_scale, stride_kp, stride_ks,
-                                      BLOCK_M, BLOCK_N, HEAD_DIM, PAGE_SIZE)
+                                      BLOCK_N, PAGE_SIZE)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale
         out_off = (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
         tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -231,13 +306,28 @@ def default_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, num_sms: 
     return max(1, min(want, math.ceil(max_kv_len / 128), 64))
 
 
+class StepKV(NamedTuple):
+    """A decode step's new k and v [B, Hkv, D] as the qkv projection left them (q too), with what Qwen3 applies
+    before they are attended and stored: per-head RMSNorm of q and k, then the rotation (`qk_norm_rope_store_kv`)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    eps: float
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+
+
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, scale: float, *,
-                     num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
-                     num_stages: int = 2) -> torch.Tensor:
+                     step_kv: StepKV | None = None, num_splits: int | None = None, block_n: int = 64,
+                     num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Attention of one new token per sequence (q [B, Hq, D]) over its cached keys, split over the KV.
 
-    Launch sizes depend only on B and `num_splits` (from `ctx.max_kv_len` unless given), so a CUDA graph
-    captured for a batch size replays correctly for any kv_lens.
+    With `step_kv`, q is not yet normalized or rotated and the step's K/V are not yet stored: the kernel does
+    both (`qk_norm_rope_store_kv`), so the decode step runs no separate rotary kernel. Launch sizes depend only
+    on B and `num_splits` (from `ctx.max_kv_len` unless given), so a CUDA graph captured for a batch size
+    replays correctly for any kv_lens.
     """
     num_heads, num_kv_heads, page_size = _check(q, kv_cache)
     _check_ctx(ctx)
@@ -251,15 +341,30 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
         part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
+    assert ctx.slot_mapping.shape == (batch,) and ctx.slot_mapping.stride(0) == 1, ctx.slot_mapping.shape
+    if step_kv is not None:
+        new_k, new_v, positions, cos_sin = step_kv.k, step_kv.v, step_kv.positions, step_kv.cos_sin_cache
+        assert new_k.shape == new_v.shape == (batch, num_kv_heads, head_dim), (new_k.shape, new_v.shape)
+        assert new_k.stride() == new_v.stride() and new_k.stride(-1) == 1, (new_k.stride(), new_v.stride())
+        assert positions.shape == (batch,) and positions.stride(0) == 1, positions.shape
+        assert cos_sin.dtype == torch.float32 and cos_sin.shape[-1] == head_dim and cos_sin.stride(-1) == 1
+        assert step_kv.q_weight.shape == step_kv.k_weight.shape == (head_dim,)
+        assert kv_cache.element_size() > 1 or kv_cache.dtype == torch.float8_e4m3fn, kv_cache.dtype
+        rope_args = (new_k, new_v, positions, cos_sin, step_kv.q_weight.contiguous(), step_kv.k_weight.contiguous(),
+                     step_kv.eps)
+        new_strides = (new_k.stride(0), new_k.stride(1), cos_sin.stride(0))
+    else:  # the ROPE-only arguments are never read
+        rope_args, new_strides = (q, q, ctx.kv_lens, q, q, q, 0.0), (0, 0, 0)
     use_pdl = pdl.enabled(q.device)
     k, v = kv_cache[0], kv_cache[1]
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k, v, ctx.block_tables, ctx.kv_lens, out, part_out, part_lse,
-        scale * ctx.kv_scale * _LOG2E, ctx.kv_scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), ctx.block_tables.stride(0),
+        q, *rope_args, ctx.slot_mapping, torch.finfo(torch.float8_e4m3fn).max,
+        k, v, ctx.block_tables, ctx.kv_lens, out, part_out, part_lse, scale * ctx.kv_scale * _LOG2E, ctx.kv_scale,
+        q.stride(0), q.stride(1), *new_strides, k.stride(0), k.stride(1), k.stride(2), ctx.block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=block_n, PAGE_SIZE=page_size, NUM_SPLITS=num_splits, USE_PDL=use_pdl,
+        BLOCK_N=block_n, PAGE_SIZE=page_size, NUM_SPLITS=num_splits, ROPE=step_kv is not None,
+        SATURATE=kv_cache.element_size() == 1, USE_PDL=use_pdl,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -299,4 +404,17 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext
     """Drop-in for `paged_attention_reference`: the decode kernel when every q_len is 1, else extend."""
     if ctx.is_decode:
         return decode_attention(q, kv_cache, ctx, scale)
+    return extend_attention(q, kv_cache, ctx, scale)
+
+
+def qk_norm_rope_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                        k_weight: torch.Tensor, eps: float, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                        kv_cache: torch.Tensor, ctx: ForwardContext, scale: float) -> torch.Tensor:
+    """Drop-in for `stepserve.layers.attention.qk_norm_rope_attend`: one decode kernel (plus the split
+    reduce) for a decode step, else the rotary-and-store kernel and the extend kernel."""
+    if ctx.is_decode:
+        return decode_attention(q, kv_cache, ctx, scale,
+                                step_kv=StepKV(k, v, q_weight, k_weight, eps, positions, cos_sin_cache))
+    q = qk_norm_rope_store_kv(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, kv_cache,
+                              ctx.slot_mapping, ctx.kv_scale)
     return extend_attention(q, kv_cache, ctx, scale)

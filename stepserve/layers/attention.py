@@ -4,8 +4,8 @@ The model runner fills a `ForwardContext` for each step and sets it with `forwar
 `Attention` layer writes the step's new K/V into its pages (`slot_mapping`) and attends over the whole
 sequence (`block_tables`, `kv_lens`). A step is a flat batch of sequences, each contributing `q_len >= 1`
 new tokens (prefill chunks and decodes may be mixed). Models never see the scheduler. A model whose K needs
-work before it is stored (Qwen3's per-head norm and rotation) stores through `Attention.qk_norm_rope_store`,
-one kernel on GPU, and then calls `Attention.attend`.
+work before it is stored (Qwen3's per-head norm and rotation) calls `Attention.qk_norm_rope_attend`, which
+stores and attends (on GPU, one kernel for a decode step).
 
 KV layout per layer: `kv_cache[0]` is K, `kv_cache[1]` is V, each [num_pages, page_size, num_kv_heads, head_dim].
 """
@@ -125,6 +125,17 @@ def qk_norm_rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_w
     return q
 
 
+@dispatched
+def qk_norm_rope_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                        k_weight: torch.Tensor, eps: float, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                        kv_cache: torch.Tensor, ctx: ForwardContext, scale: float) -> torch.Tensor:
+    """`qk_norm_rope_store_kv`, then paged attention of the rotated q: [T, Hq, D]. On GPU a decode step is one
+    attention kernel that does both."""
+    q = qk_norm_rope_store_kv(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, kv_cache,
+                              ctx.slot_mapping, ctx.kv_scale)
+    return attention_backend()(q, kv_cache, ctx, scale)
+
+
 def paged_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, scale: float) -> torch.Tensor:
     """Plain-torch attention of q [T, Hq, D] over each sequence's cached K/V (new tokens already stored).
 
@@ -164,13 +175,13 @@ class Attention(nn.Module):
         store_kv(self._cache(), k, v, ctx.slot_mapping, ctx.kv_scale)
         return self.attend(q)
 
-    def qk_norm_rope_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
-                           k_weight: torch.Tensor, eps: float, positions: torch.Tensor,
-                           cos_sin_cache: torch.Tensor) -> torch.Tensor:
-        """Per-head RMSNorm and rotation of q and k, with the step's k and v stored; returns q for `attend`."""
-        ctx = get_forward_context()
-        return qk_norm_rope_store_kv(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, self._cache(),
-                                     ctx.slot_mapping, ctx.kv_scale)
+    def qk_norm_rope_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                            k_weight: torch.Tensor, eps: float, positions: torch.Tensor,
+                            cos_sin_cache: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm and rotation of q and k, the step's k and v stored, then attention: [T, Hq * D]."""
+        out = qk_norm_rope_attend(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, self._cache(),
+                                  get_forward_context(), self.scale)
+        return out.reshape(q.shape[0], -1)
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D] of a step whose K/V are already stored -> [T, Hq * D]."""

@@ -48,11 +48,12 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.attn.qk_norm_rope_store(q.view(-1, self.num_heads, self.head_dim),
-                                         k.view(-1, self.num_kv_heads, self.head_dim),
-                                         v.view(-1, self.num_kv_heads, self.head_dim), self.q_norm.weight,
-                                         self.k_norm.weight, self.q_norm.eps, positions, self.rotary_emb.cos_sin_cache)
-        return self.o_proj(self.attn.attend(q))
+        out = self.attn.qk_norm_rope_attend(q.view(-1, self.num_heads, self.head_dim),
+                                            k.view(-1, self.num_kv_heads, self.head_dim),
+                                            v.view(-1, self.num_kv_heads, self.head_dim), self.q_norm.weight,
+                                            self.k_norm.weight, self.q_norm.eps, positions,
+                                            self.rotary_emb.cos_sin_cache)
+        return self.o_proj(out)
 
 
 class Qwen3MLP(nn.Module):

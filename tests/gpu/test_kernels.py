@@ -15,6 +15,7 @@ import torch
 
 from stepserve.kernels import (apply_rotary, decode_attention, extend_attention, fused_add_rms_norm,
                                paged_attention, pdl, qk_norm_rope, qk_norm_rope_store_kv, rms_norm, silu_and_mul)
+from stepserve.kernels.paged_attention import StepKV
 from stepserve.layers import activation as act_ref
 from stepserve.layers import attention
 from stepserve.layers import norm as norm_ref
@@ -97,6 +98,32 @@ def test_decode_cuda_graph_replays_new_lengths():
         graph.replay()
         new = build_context([1] * batch, kv_lens, perm.tolist(), page_size, device=DEV)
         assert _rel_err(out, _reference(q, kv_cache, new)) < 1e-2
+
+
+@pytest.mark.parametrize("kv_dtype,kv_scale", [(torch.bfloat16, 1.0), (torch.float8_e4m3fn, 0.05)])
+@pytest.mark.parametrize("batch,max_kv,num_splits", [(1, 1536, None), (1, 1536, 64), (5, 3001, 7), (64, 2048, None)])
+def test_decode_with_qk_norm_rope_and_store(kv_dtype, kv_scale, batch, max_kv, num_splits):
+    """The decode kernel doing Qwen3's q/k norm, rotation and K/V store (`step_kv`) against the rotary-and-store
+    reference followed by the attention reference: output, and the cache everywhere."""
+    page_size = 16
+    kv_lens = torch.randint(1, max_kv + 1, (batch,)).tolist()
+    kv_lens[0] = max_kv
+    _, kv_cache, ctx = _paged_case([1] * batch, kv_lens, page_size, kv_dtype=kv_dtype, kv_scale=kv_scale)
+    qkv, q, k, positions, cos_sin = _qk(batch)
+    v = qkv[:, (HQ + HKV) * D:].view(batch, HKV, D)
+    positions.copy_(torch.tensor(kv_lens, device=DEV) - 1)
+    qw, kw = torch.randn(2, D, device=DEV, dtype=torch.bfloat16)
+    cache_ref, qkv_before = kv_cache.clone(), qkv.clone()
+    q_rot = attention.qk_norm_rope_store_kv.reference(q, k, v, qw, kw, 1e-6, positions, cos_sin, cache_ref,
+                                                      ctx.slot_mapping, kv_scale)
+    out = decode_attention(q, kv_cache, ctx, SCALE, num_splits=num_splits,
+                           step_kv=StepKV(k, v, qw, kw, 1e-6, positions, cos_sin))
+    assert torch.equal(qkv, qkv_before)
+    assert _rel_err(out, _reference(q_rot, cache_ref, ctx)) < 1e-2
+    if kv_dtype == torch.bfloat16:
+        _assert_bf16_close(kv_cache, cache_ref, atol=2 ** -6)
+    else:
+        torch.testing.assert_close(kv_cache.float(), cache_ref.float(), rtol=2 ** -3, atol=2 ** -6)
 
 
 @pytest.mark.parametrize("page_size", [16, 64])
@@ -314,13 +341,14 @@ def _bench_kernels():
 
 
 @needs_pdl
+@pytest.mark.parametrize("fused", [False, True], ids=["rope kernel", "rope in decode"])
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
-def test_pdl_graph_chain_equals_off(monkeypatch, kv_dtype):
+def test_pdl_graph_chain_equals_off(monkeypatch, kv_dtype, fused):
     """Six layers of norm -> rope + KV store -> split decode -> reduce -> next norm, each reading the one before,
     captured in a graph with PDL off and on and replayed on new inputs: the hidden state, the residual and every
     cache as the chain launched eagerly without PDL leaves them, bit for bit. New inputs each replay make a
     kernel that read before its predecessor finished see the previous replay's values, and fail."""
-    run, caches = _bench_kernels().decode_chain(6, 1000, 7, kv_dtype)
+    run, caches = _bench_kernels().decode_chain(6, 1000, 7, kv_dtype, fused)
     inputs = [torch.randn(2, 1, 4096, device=DEV, dtype=torch.bfloat16) for _ in range(4)]
     monkeypatch.setenv("STEPSERVE_PDL", "0")
     want = [[t.clone() for t in (*run(*x), *caches)] for x in inputs]
