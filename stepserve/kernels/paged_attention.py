@@ -125,8 +125,12 @@ def _decode_kernel(q_ptr, knew_ptr, vnew_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_p
     rows0, ok0 = _kv_rows(table_ptr, keys0, old_end, stride_kp, stride_ks, True, PAGE_SIZE)
     k0 = _load_rows(k_ptr, rows0, ok0, dims, True)
     v0 = _load_rows(v_ptr, rows0, ok0, dims, True)
-    slot = tl.load(slot_ptr + seq)
-    new_row = (slot // PAGE_SIZE) * stride_kp + (slot % PAGE_SIZE) * stride_ks
+    if ROPE:  # the new key's cache row: where this kernel stores it
+        slot = tl.load(slot_ptr + seq)
+        new_row = (slot // PAGE_SIZE) * stride_kp + (slot % PAGE_SIZE) * stride_ks
+    else:  # where the kernel before this one stored it, found like every other key
+        last = tl.maximum(kv_len - 1, 0)
+        new_row = tl.load(table_ptr + last // PAGE_SIZE).to(tl.int64) * stride_kp + (last % PAGE_SIZE) * stride_ks
     half = tl.arange(0, HALF)
     if ROPE:
         pos = tl.load(pos_ptr + seq).to(tl.int64)
@@ -146,6 +150,20 @@ def _decode_kernel(q_ptr, knew_ptr, vnew_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_p
         q1 = tl.load(q_lo, mask=row_ok[:, None], other=0.0)
         q2 = tl.load(q_lo + HALF, mask=row_ok[:, None], other=0.0)
     q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_H, HEAD_DIM))
+    # The new key and value, loaded by every split with q (a few hundred bytes) so that the one holding the key
+    # does not wait for them at the end.
+    if ROPE:  # computed here, stored below, used as stored (an fp8 cache rounds it)
+        cache_dtype = k_ptr.dtype.element_ty
+        k_lo = knew_ptr + seq * stride_nt + kv_head * stride_nh + half[None, :]
+        k1, k2 = _norm_rotate(k_lo, half[None, :] < HALF, kw1, kw2, eps, cos, sin, HALF, True)
+        k1 = _to_cache(k1, v_scale, cache_dtype, fp8_max, SATURATE)
+        k2 = _to_cache(k2, v_scale, cache_dtype, fp8_max, SATURATE)
+        v_new = _to_cache(tl.load(vnew_ptr + seq * stride_nt + kv_head * stride_nh + dims), v_scale, cache_dtype,
+                          fp8_max, SATURATE)
+    else:
+        k1 = tl.load(k_ptr + new_row + half[None, :])
+        k2 = tl.load(k_ptr + new_row + HALF + half[None, :])
+        v_new = tl.load(v_ptr + new_row + dims)
     last_key = tl.zeros([BLOCK_H], tl.int32) + (kv_len - 1)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -158,21 +176,10 @@ def _decode_kernel(q_ptr, knew_ptr, vnew_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_p
                                   tl.maximum(rest, old_end - old_end % BLOCK_N), old_end, last_key, dims, qk_scale,
                                   stride_kp, stride_ks, BLOCK_N, PAGE_SIZE)
     if (start < end) & (end == kv_len):  # this split holds the new key
-        if ROPE:  # compute it, store it, and use it as stored (an fp8 cache rounds it)
-            cache_dtype = k_ptr.dtype.element_ty
-            k_lo = knew_ptr + seq * stride_nt + kv_head * stride_nh + half[None, :]
-            k1, k2 = _norm_rotate(k_lo, half[None, :] < HALF, kw1, kw2, eps, cos, sin, HALF, True)
-            k1 = _to_cache(k1, v_scale, cache_dtype, fp8_max, SATURATE)
-            k2 = _to_cache(k2, v_scale, cache_dtype, fp8_max, SATURATE)
-            v_new = _to_cache(tl.load(vnew_ptr + seq * stride_nt + kv_head * stride_nh + dims), v_scale, cache_dtype,
-                              fp8_max, SATURATE)
+        if ROPE:
             tl.store(k_ptr + new_row + half[None, :], k1)
             tl.store(k_ptr + new_row + HALF + half[None, :], k2)
             tl.store(v_ptr + new_row + dims, v_new)
-        else:  # written by the kernel before this one
-            k1 = tl.load(k_ptr + new_row + half[None, :])
-            k2 = tl.load(k_ptr + new_row + HALF + half[None, :])
-            v_new = tl.load(v_ptr + new_row + dims)
         s = tl.sum(q1.to(tl.float32) * k1.to(q.dtype).to(tl.float32), 1)
         s = (s + tl.sum(q2.to(tl.float32) * k2.to(q.dtype).to(tl.float32), 1)) * qk_scale
         m_new = tl.maximum(m_i, s)
@@ -188,10 +195,10 @@ def _decode_kernel(q_ptr, knew_ptr, vnew_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_p
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
         part = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split  # [B, Hq, NUM_SPLITS]
+        # An empty split stores lse -inf and output 0 (weight 0 in the reduce), so that the reduce can load
+        # every output without waiting for the lse to tell which ones exist.
         tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=row_ok)
-        # An empty split's lse (-inf) tells the reduce to skip its output, so it need not be written.
-        written = rows < tl.where(end > start, GROUP, 0)
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], o, mask=written[:, None])
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], o, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -205,11 +212,11 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride
     dims = tl.arange(0, HEAD_DIM)
     base = (seq * tl.num_programs(1) + head) * NUM_SPLITS + splits
     lse = tl.load(part_lse_ptr + base, mask=splits < NUM_SPLITS, other=float("-inf"))
+    o = tl.load(part_out_ptr + base[:, None] * HEAD_DIM + dims[None, :], mask=(splits < NUM_SPLITS)[:, None],
+                other=0.0)
     top = tl.max(lse, 0)
     top = tl.where(top == float("-inf"), 0.0, top)  # every split empty: all weights 0, output 0
     w = tl.exp2(lse - top)
-    used = (splits < NUM_SPLITS) & (lse > float("-inf"))
-    o = tl.load(part_out_ptr + base[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0)
     total = tl.sum(w, 0)
     o = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
@@ -341,8 +348,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
         part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
-    assert ctx.slot_mapping.shape == (batch,) and ctx.slot_mapping.stride(0) == 1, ctx.slot_mapping.shape
     if step_kv is not None:
+        assert ctx.slot_mapping.shape == (batch,) and ctx.slot_mapping.stride(0) == 1, ctx.slot_mapping.shape
         new_k, new_v, positions, cos_sin = step_kv.k, step_kv.v, step_kv.positions, step_kv.cos_sin_cache
         assert new_k.shape == new_v.shape == (batch, num_kv_heads, head_dim), (new_k.shape, new_v.shape)
         assert new_k.stride() == new_v.stride() and new_k.stride(-1) == 1, (new_k.stride(), new_v.stride())
