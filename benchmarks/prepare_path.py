@@ -1,0 +1,187 @@
+"""Where a request's preparation time goes (HTTP arrival -> engine), for the seed latency request, on CPU.
+
+    python benchmarks/prepare_path.py [--runs 20] [--workers 2 0] [--format jpeg]
+
+The seed request: 2 random 1280x720 images as data URLs (`stepserve bench serving --dataset-name image
+--image-resolution 720p --image-count 2`) + ~128 text tokens, max_tokens 1.
+
+Server: the real app around the tiny built-in model, under uvicorn in this process, once per `--workers`
+value (`--image-workers`). Requests go one at a time; each one's `stepserve_request_prepare_seconds` is
+the histogram sum's increase, and timers wrapped around the server's own steps split it: `read` (the body
+read), `parse` (the rest of arrival to the route's parsed request: JSON, pydantic), `template`, `images`
+(fetch, decode, preprocess, back from the workers), `tokenize` (and placeholder expansion), `other` (the rest).
+
+One image, in this process: the same steps one by one (base64, decode, processor), then a 1-worker pool's
+`prepare` of the same URL, whose excess over those steps is the process hop (arguments out, pixels back).
+Every figure is the median over `--runs` after one warm-up, in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import statistics
+import threading
+import time
+from collections import defaultdict
+
+import httpx
+import numpy as np
+import uvicorn
+from starlette.requests import Request
+
+from stepserve.api import serving as serving_module
+from stepserve.api.server import build_app
+from stepserve.bench.client import build_payload
+from stepserve.bench.datasets import sample_image_requests
+from stepserve.config import ServerArgs
+from stepserve.engine.engine import AsyncEngine
+from stepserve.multimodal.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, _decode, _parse_data_url
+from stepserve.multimodal.prep_pool import ImageLimits, ImagePrepPool
+
+PHASES = ("prepare", "read", "parse", "template", "images", "tokenize", "other")
+
+
+def seed_payloads(tokenizer, n: int, image_format: str, seed: int) -> list[dict]:
+    """`n` seed-shaped chat requests, each with fresh random images (no cache can serve a repeat)."""
+    rng = np.random.default_rng(seed)
+    reqs = sample_image_requests(tokenizer, n, 2, 128, 1, 1.0, "720p", image_format, "random", rng)
+    return [build_payload(True, "stepserve-tiny", r.prompt, r.image_data, 1, True, True, {}) for r in reqs]
+
+
+class PhaseTimer:
+    """Wraps the serving steps of one request and collects their wall times (ms) in `last`."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = defaultdict(float)
+        self.read = 0.0
+
+    def install(self) -> None:
+        timer, S = self, serving_module.Serving
+        chat, prepare_images, in_pool, body = S.chat, S._prepare_images, S._in_pool, Request.body
+
+        @functools.wraps(body)
+        async def timed_body(self):
+            start = time.monotonic()
+            try:
+                return await body(self)
+            finally:
+                timer.read = (time.monotonic() - start) * 1e3
+
+        @functools.wraps(chat)
+        async def timed_chat(self, req, request, t0):
+            arrived = (time.monotonic() - t0) * 1e3
+            timer.last = defaultdict(float, read=timer.read, parse=arrived - timer.read)
+            return await chat(self, req, request, t0)
+
+        @functools.wraps(prepare_images)
+        async def timed_images(self, *a):
+            start = time.monotonic()
+            try:
+                return await prepare_images(self, *a)
+            finally:
+                timer.last["images"] += (time.monotonic() - start) * 1e3
+
+        @functools.wraps(in_pool)
+        async def timed_pool(self, fn, *a):
+            start = time.monotonic()
+            try:
+                return await in_pool(self, fn, *a)
+            finally:
+                name = "template" if getattr(fn, "__name__", "") == "render_chat" else "tokenize"
+                timer.last[name] += (time.monotonic() - start) * 1e3
+
+        S.chat, S._prepare_images, S._in_pool, Request.body = timed_chat, timed_images, timed_pool, timed_body
+
+
+def serve(args: ServerArgs) -> tuple[uvicorn.Server, threading.Thread, str]:
+    """The app on a free port (port 0: the OS picks), in a thread; returns the server, its thread and URL."""
+    app = build_app(args, AsyncEngine.from_config(args.engine_config()))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    return server, thread, f"http://{host}:{port}"
+
+
+def server_phases(workers: int, runs: int, image_format: str, timer: PhaseTimer) -> dict[str, float]:
+    server, thread, url = serve(ServerArgs(image_workers=workers))
+    try:
+        serving = server.config.app.state.serving
+        registry = serving.metrics.registry
+        payloads = seed_payloads(serving.engine.tokenizer, runs + 1, image_format, seed=workers)
+        rows = []
+        with httpx.Client(base_url=url, timeout=120) as client:
+            for i, payload in enumerate(payloads):
+                time.sleep(0.2)  # let the last request's engine work (and its spinning CPU threads) settle
+                before = registry.get_sample_value("stepserve_request_prepare_seconds_sum") or 0.0
+                resp = client.post("/v1/chat/completions", json=payload)
+                resp.raise_for_status()
+                prepare = (registry.get_sample_value("stepserve_request_prepare_seconds_sum") - before) * 1e3
+                row = dict(timer.last, prepare=prepare)
+                row["other"] = prepare - sum(row.get(k, 0.0) for k in PHASES[1:-1])
+                if i:  # the first request is a warm-up
+                    rows.append(row)
+        return {k: statistics.median(r.get(k, 0.0) for r in rows) for k in PHASES}
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def image_parts(runs: int, image_format: str) -> dict[str, float]:
+    args = ServerArgs()
+    engine = AsyncEngine.from_config(args.engine_config())
+    url = seed_payloads(engine.tokenizer, 1, image_format, seed=7)[0]["messages"][0]["content"][0]["image_url"]["url"]
+    limits = ImageLimits(DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, 10.0, None)
+    pool = ImagePrepPool(engine.image_processor, limits, workers=1)
+    pool.start()
+    rows = []
+    try:
+        for i in range(runs + 1):
+            t = {}
+            start = time.perf_counter()
+            data = _parse_data_url(url, DEFAULT_MAX_BYTES, None)
+            t["base64"] = time.perf_counter() - start
+            mark = time.perf_counter()
+            image = _decode(data, DEFAULT_MAX_PIXELS, None)
+            t["decode"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+            engine.image_processor(image)
+            t["processor"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+            asyncio.run(pool.prepare(url, None))
+            t["pool_1_worker"] = time.perf_counter() - mark
+            t["process_hop"] = t["pool_1_worker"] - t["base64"] - t["decode"] - t["processor"]
+            if i:
+                rows.append(t)
+    finally:
+        pool.shutdown()
+    return {k: statistics.median(r[k] for r in rows) * 1e3 for k in rows[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--workers", type=int, nargs="+", default=[2, 0], help="--image-workers values to serve with")
+    ap.add_argument("--format", default="jpeg", choices=["jpeg", "png"])
+    args = ap.parse_args()
+    timer = PhaseTimer()
+    timer.install()
+    print(f"server, median of {args.runs} seed requests (ms)")
+    print(f"{'image-workers':>14}" + "".join(f"{p:>10}" for p in PHASES))
+    for workers in args.workers:
+        med = server_phases(workers, args.runs, args.format, timer)
+        print(f"{workers:>14}" + "".join(f"{med[p]:>10.1f}" for p in PHASES), flush=True)
+    parts = image_parts(args.runs, args.format)
+    print(f"\none 1280x720 {args.format} image, median of {args.runs} (ms)")
+    print("".join(f"{k:>15}" for k in parts))
+    print("".join(f"{v:>15.1f}" for v in parts.values()))
+
+
+if __name__ == "__main__":
+    main()
