@@ -1,6 +1,6 @@
 """What each part of the batch-1 decode step costs: graph replays with a part skipped or configured differently.
 
-    python benchmarks/decode_parts.py [--quantization fp8] [--prompt 1412]
+    python benchmarks/decode_parts.py [--quantization fp8] [--prompt 1412] [--batch 1] [--variants a,b]
 
 Skipping a part gives wrong outputs; only the replay time matters: the difference to the baseline is what that
 part costs inside the real step, PDL overlap included (a kernel micro-benchmark cannot show that). Each variant
@@ -35,6 +35,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quantization", default=None)
     ap.add_argument("--prompt", type=int, default=1412)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--variants", default="", help="comma list of variant names to run (default: all)")
     args = ap.parse_args()
     engine = Engine(EngineConfig(model=str(real_dummy_checkpoint("/tmp/step3-vl-10b-dummy")), load_format="dummy",
                                  context_length=32768, quantization=args.quantization))
@@ -49,17 +51,20 @@ def main() -> None:
         "attention: 1 stage": {"qk_norm_rope_attend": decode_with(num_stages=1)},
         "attention: 1 stage, 32-key blocks": {"qk_norm_rope_attend": decode_with(num_stages=1, block_n=32)},
         "attention: 1 stage, 2 warps": {"qk_norm_rope_attend": decode_with(num_stages=1, num_warps=2)},
+        "attention: 64-key blocks, 2 stages": {"qk_norm_rope_attend": decode_with(num_stages=2, block_n=64)},
         "baseline again": {},
     }
+    if args.variants:
+        variants = {name: variants[name] for name in args.variants.split(",")}
     for name, swap in variants.items():
         for kernel, fn in kernels.items():
             register_kernel(kernel, swap.get(kernel, fn))
         engine.runner.capture_graphs(engine.context_length)
         for kernel, fn in kernels.items():  # the real kernels again for the eager prefill
             register_kernel(kernel, fn)
-        profile_steps(engine, 1, args.prompt, steps=4)
-        print(json.dumps({"quantization": args.quantization, "variant": name,
-                          "replay_ms_b1": round(replay_ms(engine, 1), 3)}), flush=True)
+        profile_steps(engine, args.batch, args.prompt, steps=4)
+        print(json.dumps({"quantization": args.quantization, "variant": name, "batch": args.batch,
+                          "replay_ms": round(replay_ms(engine, args.batch), 3)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -327,8 +327,8 @@ class StepKV(NamedTuple):
 
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, scale: float, *,
-                     step_kv: StepKV | None = None, num_splits: int | None = None, block_n: int = 64,
-                     num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                     step_kv: StepKV | None = None, num_splits: int | None = None, block_n: int = 32,
+                     num_warps: int = 4, num_stages: int = 1) -> torch.Tensor:
     """Attention of one new token per sequence (q [B, Hq, D]) over its cached keys, split over the KV.
 
     With `step_kv`, q is not yet normalized or rotated and the step's K/V are not yet stored: the kernel does
