@@ -49,9 +49,9 @@ def main() -> None:
         "attention: 16 splits": {"qk_norm_rope_attend": decode_with(num_splits=16)},
         "attention: 32-key blocks": {"qk_norm_rope_attend": decode_with(block_n=32)},
         "attention: 1 stage": {"qk_norm_rope_attend": decode_with(num_stages=1)},
-        "attention: 1 stage, 32-key blocks": {"qk_norm_rope_attend": decode_with(num_stages=1, block_n=32)},
-        "attention: 1 stage, 2 warps": {"qk_norm_rope_attend": decode_with(num_stages=1, num_warps=2)},
-        "attention: 64-key blocks, 2 stages": {"qk_norm_rope_attend": decode_with(num_stages=2, block_n=64)},
+        "attention: 1 stage + 32-key blocks": {"qk_norm_rope_attend": decode_with(num_stages=1, block_n=32)},
+        "attention: 1 stage + 2 warps": {"qk_norm_rope_attend": decode_with(num_stages=1, num_warps=2)},
+        "attention: 64-key blocks + 2 stages": {"qk_norm_rope_attend": decode_with(num_stages=2, block_n=64)},
         "baseline again": {},
     }
     if args.variants:
