@@ -6,11 +6,13 @@ canvas", and one `<im_patch>` placeholder in the prompt becomes the image's toke
     then:     <im_start> 169 x <im_patch> <im_end>
 The geometry follows StepFun's reference processor, including the HF window rule `long <= 728`.
 
-The processor (host threads) does only the uint8 work the reference does with PIL: pad, clamp, canvas resize,
-cropping, plus the content hash. `pixel_inputs` does the float work (normalize, antialiased resize to 728 / 504)
-on the model's device, so the host makes no float images and fewer bytes cross to the GPU (7.3 MB instead of
-25 MB for a 1280x720 image). On a 2-core CPU that image's processor time went from 24 ms to 15 ms, of which
-PIL's canvas resize is 8.5 ms and the hash 3 ms.
+The processor (image workers, or host threads) does only the uint8 work that needs PIL: pad and clamp (rare:
+thin or huge images), plus the content hash; for most images the global view is the decoded image itself.
+`pixel_inputs` does the rest on the model's device: the crop canvas resize (PIL's integer arithmetic, bit for
+bit: `pil_resize`), cropping, and the float work (normalize, antialiased resize to 728 / 504). So the host
+makes no float images and ships only the decoded image (2.7 MB for 1280x720, not the 7.3 MB of its crops or
+the 25 MB of float crops). On a 2-core CPU a 1280x720 image's processor time went from 24 ms (float crops on
+the host) to 15 ms (uint8 crops) to ~3 ms (the view and its hash).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from stepserve.errors import InvalidRequestError
+from stepserve.multimodal.pil_resize import pil_bilinear_resize
 
 GLOBAL_SIZE = 728
 CROP_SIZE = 504
@@ -60,18 +63,6 @@ class ImageTokenIds:
         return cls(**ids)
 
 
-@dataclass
-class ImageInput:
-    view: torch.Tensor  # uint8 [H, W, 3]: the global view before its resize to 728x728
-    crops: torch.Tensor  # uint8 [num_crops, window, window, 3]: the crops before their resize to 504x504
-    newline_mask: list[bool]  # per crop: a <patch_newline> follows it
-    num_crops: int
-    token_ids: list[int]  # the expansion of this image's one <im_patch> placeholder
-    num_feature_rows: int  # 81 * num_crops + 169 = count of <im_patch> in token_ids
-    hash: str  # content key of the decoded RGB image (encoder cache, prefix cache)
-    size: tuple[int, int]  # (W, H) of the image as given
-
-
 @dataclass(frozen=True)
 class CropPlan:
     """Geometry of one image, a function of its size only."""
@@ -95,6 +86,33 @@ class CropPlan:
         """Top-left corner of each crop on the canvas, row-major."""
         xs, ys = (_starts(self.canvas[0], self.window), _starts(self.canvas[1], self.window))
         return [(x, y) for y in ys for x in xs]
+
+
+@dataclass
+class ImageInput:
+    view: torch.Tensor  # uint8 [H, W, 3]: the global view before its resize to 728x728
+    plan: CropPlan  # the crops' geometry: `pixel_inputs` cuts them from the view on the model's device
+    token_ids: list[int]  # the expansion of this image's one <im_patch> placeholder
+    hash: str  # content key of the decoded RGB image (encoder cache, prefix cache)
+    size: tuple[int, int]  # (W, H) of the image as given
+
+    @property
+    def num_crops(self) -> int:
+        return self.plan.num_crops
+
+    @property
+    def newline_mask(self) -> list[bool]:  # per crop: a <patch_newline> follows it
+        return self.plan.newline_mask
+
+    @property
+    def num_feature_rows(self) -> int:  # count of <im_patch> in token_ids
+        return CROP_ROWS * self.plan.num_crops + GLOBAL_ROWS
+
+    @property
+    def crops(self) -> torch.Tensor:
+        """uint8 [num_crops, window, window, 3]: the crops before their resize to 504x504, cut from the view on
+        its device (each access cuts them again; the model gets them from `pixel_inputs`)."""
+        return crop_windows(self.view, self.plan)
 
 
 def plan_crops(width: int, height: int) -> CropPlan:
@@ -157,26 +175,25 @@ class ImageProcessor:
         if image.mode != "RGB":
             image = image.convert("RGB")
         plan = plan_crops(*image.size)
+        pixels = _hwc_uint8(image)
         view = _global_view(image, plan)
-        mask = plan.newline_mask
         token_ids: list[int] = []
-        for newline in mask:
+        for newline in plan.newline_mask:
             token_ids += self._crop_tokens
             if newline:
                 token_ids.append(self.ids.patch_newline)
         token_ids += self._global_tokens
-        return ImageInput(view=_hwc_uint8(view), crops=_crops(view, plan), newline_mask=mask,
-                          num_crops=plan.num_crops, token_ids=token_ids,
-                          num_feature_rows=CROP_ROWS * plan.num_crops + GLOBAL_ROWS, hash=image_hash(image),
-                          size=image.size)
+        return ImageInput(view=pixels if view is image else _hwc_uint8(view), plan=plan, token_ids=token_ids,
+                          hash=image_hash(pixels), size=image.size)
 
 
-def image_hash(image: Image.Image) -> str:
-    """Key of the decoded pixels, so the same picture sent as PNG, bytes or PIL maps to one cache entry."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
-    h.update(image.tobytes())
-    return h.hexdigest()
+def image_hash(pixels: torch.Tensor) -> str:
+    """Key of decoded RGB pixels (uint8 [H, W, 3]), so the same picture sent as PNG, bytes or PIL maps to one
+    cache entry. Hashes the array the view is made of anyway: PIL's `tobytes` would copy the image once more."""
+    h, w, _ = pixels.shape
+    digest = hashlib.blake2b(f"RGB:{w}x{h}:".encode(), digest_size=16)
+    digest.update(pixels.numpy())
+    return digest.hexdigest()
 
 
 def expand_prompt(token_ids: list[int], images: list[ImageInput], image_token_id: int) -> list[int]:
@@ -213,18 +230,19 @@ def _global_view(image: Image.Image, plan: CropPlan) -> Image.Image:
     return image if image.size == plan.size else image.resize(plan.size, Image.Resampling.BILINEAR)
 
 
-def _crops(view: Image.Image, plan: CropPlan) -> torch.Tensor:
-    if plan.window == 0:
-        return torch.empty(0, CROP_SIZE, CROP_SIZE, 3, dtype=torch.uint8)
-    canvas = view if view.size == plan.canvas else view.resize(plan.canvas, Image.Resampling.BILINEAR)
-    src = _hwc_uint8(canvas)
+def crop_windows(view: torch.Tensor, plan: CropPlan) -> torch.Tensor:
+    """uint8 [num_crops, window, window, 3] on view's device: the view resized to the crop canvas as PIL's
+    bilinear resize does it, cut into the plan's windows (steps 3-4 of models.md A.6)."""
     w = plan.window
-    # Zeros outside the canvas reproduce PIL's black padding of crops that overhang it.
-    crops = torch.zeros(plan.num_crops, w, w, 3, dtype=torch.uint8)
-    for i, (x, y) in enumerate(plan.origins()):
-        part = src[y:y + w, x:x + w]
-        crops[i, :part.shape[0], :part.shape[1]] = part
-    return crops
+    if w == 0:
+        return view.new_empty(0, CROP_SIZE, CROP_SIZE, 3)
+    canvas = pil_bilinear_resize(view, plan.canvas)
+    width, height = plan.canvas
+    if width < w or height < w:  # zeros past the canvas reproduce PIL's black padding of crops that overhang it
+        padded = view.new_zeros(max(height, w), max(width, w), 3)
+        padded[:height, :width] = canvas
+        canvas = padded
+    return torch.stack([canvas[y:y + w, x:x + w] for x, y in plan.origins()])
 
 
 def _hwc_uint8(image: Image.Image) -> torch.Tensor:
@@ -238,15 +256,15 @@ def pixel_inputs(images: Sequence[ImageInput], device: torch.device,
     """The vision tower's inputs: pixel_values [n, 3, 728, 728] and patch_pixel_values [crops, 3, 504, 504]
     (None when no image has crops), crops in image order, on `device` in `dtype`.
 
-    Normalization and resize run on `device` in float32 in the reference's op order, so on the CPU the result is
-    bit-identical to the reference processor's; same-sized inputs form one batch, so the GPU sees a few launches
-    per distinct size, not per image.
+    Only the views cross to `device`; the crops are cut there (integer arithmetic: the same bytes as PIL's on any
+    device). Normalization and resize run on `device` in float32 in the reference's op order, so on the CPU the
+    result is bit-identical to the reference processor's; same-sized inputs form one batch, so the GPU sees a
+    few launches per distinct size, not per image.
     """
-    cropped = [im.crops for im in images if im.num_crops]
-    parts = _to_device([im.view[None] for im in images] + cropped, device)
-    views = _normalized_resized(parts[:len(images)], GLOBAL_SIZE).to(dtype)
-    crops = _normalized_resized(parts[len(images):], CROP_SIZE).to(dtype) if cropped else None
-    return views, crops
+    views = _to_device([im.view for im in images], device)
+    crops = [crop_windows(v, im.plan) for v, im in zip(views, images) if im.num_crops]
+    pixel_values = _normalized_resized([v[None] for v in views], GLOBAL_SIZE).to(dtype)
+    return pixel_values, _normalized_resized(crops, CROP_SIZE).to(dtype) if crops else None
 
 
 def _to_device(parts: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
