@@ -327,8 +327,8 @@ class StepKV(NamedTuple):
 
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, scale: float, *,
-                     step_kv: StepKV | None = None, num_splits: int | None = None, block_n: int = 32,
-                     num_warps: int = 4, num_stages: int = 1) -> torch.Tensor:
+                     step_kv: StepKV | None = None, num_splits: int | None = None, block_n: int | None = None,
+                     num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """Attention of one new token per sequence (q [B, Hq, D]) over its cached keys, split over the KV.
 
     With `step_kv`, q is not yet normalized or rotated and the step's K/V are not yet stored: the kernel does
@@ -342,6 +342,12 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
     group = num_heads // num_kv_heads
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, ctx.max_kv_len, _num_sms(q.device))
+    # Many splits (batch 1) leave each a block or two: smaller blocks spread the keys over more programs and
+    # nothing is left to pipeline (fp8 batch-1 replay 3.25 ms vs 3.35 with 64/2); fewer, longer splits want
+    # 64-key blocks, 2 stages (bf16 batch 16, 5 splits: 7.82 ms vs 8.20). benchmarks/decode_parts.py, 01c4af8.
+    short = num_splits >= 32
+    block_n = block_n or (32 if short else 64)
+    num_stages = num_stages or (1 if short else 2)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_splits > 1:
         part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
