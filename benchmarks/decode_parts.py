@@ -44,7 +44,7 @@ def main() -> None:
     variants = {
         "baseline": {},
         "rope + store in their own kernel": {"qk_norm_rope_attend": None},  # the layer's two-step path
-        "no attention (rope, store, split kernel + reduce)": {"qk_norm_rope_attend": lambda q, *a: q},
+        "no attention (rope + store + split kernel + reduce)": {"qk_norm_rope_attend": lambda q, *a: q},
         "no norms": {"rms_norm": lambda x, w, eps: x, "fused_add_rms_norm": lambda x, r, w, eps: (x, r)},
         "attention: 16 splits": {"qk_norm_rope_attend": decode_with(num_splits=16)},
         "attention: 128 splits": {"qk_norm_rope_attend": decode_with(num_splits=128)},
