@@ -110,9 +110,9 @@ def _decode_kernel(q_ptr, knew_ptr, vnew_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_p
     # step's new one (the last) was cached by earlier steps: all of that is read before the PDL wait, so the
     # first block's K/V loads overlap the kernel that computes q.
     kv_len = tl.load(kv_lens_ptr + seq)
-    # Equal shares (not whole blocks): with many splits each share fits in the one block loaded before the wait.
-    # At least one key, so that the number of non-empty splits, cdiv(kv_len, chunk), is defined for kv_len 0 too.
-    chunk = tl.maximum(tl.cdiv(kv_len, NUM_SPLITS), 1)
+    # Whole blocks per split, so only a sequence's very last block needs a mask; at least one block, so that
+    # the number of non-empty splits, cdiv(kv_len, chunk), is defined for kv_len 0 too.
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N), 1) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, kv_len)
     old_end = tl.minimum(end, kv_len - 1)  # this split's keys cached by earlier steps: [start, old_end)
@@ -172,9 +172,9 @@ def _decode_kernel(q_ptr, knew_ptr, vnew_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_p
         acc, m_i, l_i, p = _softmax_step(q, k0, acc, m_i, l_i, keys0, ok0, last_key, qk_scale, True)
         acc += tl.dot(p.to(q.dtype), v0.to(q.dtype))
     rest = start + BLOCK_N
-    full_end = rest + tl.maximum(old_end - rest, 0) // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _attend_range(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, rest, full_end, old_end, last_key, dims,
-                                  qk_scale, stride_kp, stride_ks, BLOCK_N, PAGE_SIZE)
+    acc, m_i, l_i = _attend_range(q, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, rest,
+                                  tl.maximum(rest, old_end - old_end % BLOCK_N), old_end, last_key, dims, qk_scale,
+                                  stride_kp, stride_ks, BLOCK_N, PAGE_SIZE)
     if (start < end) & (end == kv_len):  # this split holds the new key
         if ROPE:
             tl.store(k_ptr + new_row + half[None, :], k1)
@@ -342,10 +342,12 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
     group = num_heads // num_kv_heads
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, ctx.max_kv_len, _num_sms(q.device))
-    # Many splits (batch 1) leave each split one block, loaded before the wait: nothing is left to pipeline;
-    # fewer, longer splits want 2 stages (bf16 batch 16, 5 splits: 7.82 ms vs 8.20 with 1). decode_parts.py.
-    block_n = block_n or 64
-    num_stages = num_stages or (1 if num_splits >= 32 else 2)
+    # Many splits (batch 1) leave each a block or two: smaller blocks spread the keys over more programs and
+    # nothing is left to pipeline (fp8 batch-1 replay 3.25 ms vs 3.35 with 64/2); fewer, longer splits want
+    # 64-key blocks, 2 stages (bf16 batch 16, 5 splits: 7.82 ms vs 8.20). benchmarks/decode_parts.py, 01c4af8.
+    short = num_splits >= 32
+    block_n = block_n or (32 if short else 64)
+    num_stages = num_stages or (1 if short else 2)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_splits > 1:
         part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
