@@ -44,7 +44,7 @@ class FakeEngine:
         self.requests: list[dict] = []
         self._lock = threading.Lock()
 
-    def image_processor(self, image) -> SimpleNamespace:
+    def image_processor(self, image, key: str | None = None) -> SimpleNamespace:
         return SimpleNamespace(size=image.size, token_ids=[self.image_token_id] * IMAGE_TOKENS)
 
     async def start(self) -> None:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from stepserve.errors import InvalidRequestError, PayloadTooLargeError
-from stepserve.multimodal.image_io import load_image, load_image_async
+from stepserve.multimodal.image_io import load_image, load_image_and_bytes, load_image_async
 
 
 def png(w: int = 40, h: int = 30, mode: str = "RGB", color=(200, 100, 50)) -> bytes:
@@ -31,6 +31,17 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 def test_data_url():
     img = load_image(data_url(png(40, 30)))
     assert img.mode == "RGB" and img.size == (40, 30) and img.getpixel((0, 0)) == (200, 100, 50)
+
+
+def test_the_encoded_bytes_come_with_the_image(tmp_path):
+    data = png(40, 30)
+    (tmp_path / "a.png").write_bytes(data)
+    for source in (data_url(data), data, bytearray(data), tmp_path / "a.png", f"file://{tmp_path}/a.png"):
+        img, encoded = load_image_and_bytes(source, allowed_local_path=str(tmp_path))
+        assert encoded == data and img.size == (40, 30)
+    pil = Image.new("RGB", (5, 4))
+    img, encoded = load_image_and_bytes(pil)
+    assert encoded is None and img.size == (5, 4)
 
 
 @pytest.mark.parametrize("url,match", [

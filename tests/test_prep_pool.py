@@ -15,7 +15,7 @@ from PIL import Image
 from stepserve.errors import InvalidRequestError, PayloadTooLargeError
 from stepserve.multimodal import prep_pool
 from stepserve.multimodal.prep_pool import ImageLimits, ImagePrepPool
-from stepserve.multimodal.processor import ImageProcessor, ImageTokenIds
+from stepserve.multimodal.processor import ImageProcessor, ImageTokenIds, encoded_key
 
 IDS = ImageTokenIds(151679, 151680, 151681, 151689, 151690, 151691)
 LIMITS = ImageLimits(max_bytes=8 * 2**20, max_pixels=2**24, fetch_timeout=5.0, allowed_local_path=None)
@@ -77,3 +77,25 @@ def test_workers_ship_the_view_not_the_crops(monkeypatch):
     out = prep_pool._prepare_in_worker(data_url(1280, 720, 3), LIMITS, None)
     assert out.num_crops == 6
     assert len(pickle.dumps(out)) < 1.01 * 1280 * 720 * 3
+
+
+def test_cache_key_is_of_the_encoded_bytes(pools):
+    # Equal bytes decode to equal pixels, so keying by the bytes keeps "equal keys mean equal pixels" while hashing
+    # a JPEG's ~4x fewer bytes. The same picture in another encoding gets another key: a cache miss, not an error.
+    procs, threads = pools
+    img = Image.fromarray(np.random.default_rng(4).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    png, webp = io.BytesIO(), io.BytesIO()
+    img.save(png, format="PNG")
+    img.save(webp, format="WEBP", lossless=True)
+    png_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+
+    async def prepare(pool, *sources):
+        return await asyncio.gather(*(pool.prepare(s, None) for s in sources))
+
+    a, b, c = asyncio.run(prepare(procs, png_url, png.getvalue(), webp.getvalue()))
+    assert a.hash == b.hash == encoded_key(png.getvalue()) != c.hash
+    assert torch.equal(a.view, c.view)
+    # A PIL image (the offline API) has no bytes: its pixels are hashed, whatever pool prepares it.
+    pixel_key = ImageProcessor(IDS)(img).hash
+    assert [o.hash for o in asyncio.run(prepare(threads, img)) + asyncio.run(prepare(procs, img))] == [pixel_key] * 2
+    assert not pixel_key.startswith("encoded:")

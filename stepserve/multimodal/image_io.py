@@ -35,10 +35,20 @@ def load_image(source: ImageSource, *, max_bytes: int = DEFAULT_MAX_BYTES, max_p
     `allowed_local_path`: local files (plain paths, `Path`, file:// URLs) are read only if they resolve inside
     this directory; None refuses all local files (the server default), "/" allows any (the offline API).
     """
+    return load_image_and_bytes(source, max_bytes=max_bytes, max_pixels=max_pixels, timeout=timeout,
+                                allowed_local_path=allowed_local_path, param=param)[0]
+
+
+def load_image_and_bytes(source: ImageSource, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                         max_pixels: int = DEFAULT_MAX_PIXELS, timeout: float = 10.0,
+                         allowed_local_path: str | None = None,
+                         param: str | None = None) -> tuple[Image.Image, bytes | None]:
+    """`load_image`, and the encoded bytes the image was decoded from (None for a PIL image source)."""
     if isinstance(source, str) and is_http_url(source):
-        data = _fetch_sync(source, max_bytes, timeout, param)
-        return _decode(data, max_pixels, param)
-    return _load_not_http(source, max_bytes, max_pixels, allowed_local_path, param)
+        data: bytes | Image.Image = _fetch_sync(source, max_bytes, timeout, param)
+    else:
+        data = _read_not_http(source, max_bytes, max_pixels, allowed_local_path, param)
+    return _decoded(data, max_pixels, param)
 
 
 async def load_image_async(source: ImageSource, *, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -48,7 +58,8 @@ async def load_image_async(source: ImageSource, *, max_bytes: int = DEFAULT_MAX_
     if isinstance(source, str) and is_http_url(source):
         data = await fetch_image_bytes(source, max_bytes, timeout, param)
         return await asyncio.to_thread(_decode, data, max_pixels, param)
-    return await asyncio.to_thread(_load_not_http, source, max_bytes, max_pixels, allowed_local_path, param)
+    data = await asyncio.to_thread(_read_not_http, source, max_bytes, max_pixels, allowed_local_path, param)
+    return (await asyncio.to_thread(_decoded, data, max_pixels, param))[0]
 
 
 def is_http_url(source: str) -> bool:
@@ -63,27 +74,33 @@ async def fetch_image_bytes(url: str, max_bytes: int, timeout: float, param: str
         raise _timeout_error(url, timeout, param) from None
 
 
-def _load_not_http(source: ImageSource, max_bytes: int, max_pixels: int, allowed_local_path: str | None,
-                   param: str | None) -> Image.Image:
+def _read_not_http(source: ImageSource, max_bytes: int, max_pixels: int, allowed_local_path: str | None,
+                   param: str | None) -> bytes | Image.Image:
+    """The encoded bytes of a non-http source, or the PIL image it is."""
     if isinstance(source, Image.Image):
         _check_pixels(source.size, max_pixels, param)
-        return _to_rgb(source, param, owned=False)
+        return source
     if isinstance(source, (bytes, bytearray, memoryview)):
         _check_bytes(len(source), max_bytes, param)
-        return _decode(bytes(source), max_pixels, param)
+        return bytes(source)
     if isinstance(source, Path):
-        return _decode(_read_local(source, max_bytes, allowed_local_path, param), max_pixels, param)
+        return _read_local(source, max_bytes, allowed_local_path, param)
     if isinstance(source, str):
         if source.startswith("data:"):
-            return _decode(_parse_data_url(source, max_bytes, param), max_pixels, param)
+            return _parse_data_url(source, max_bytes, param)
         if source.startswith("file://"):
-            path = Path(unquote(urlparse(source).path))
-            return _decode(_read_local(path, max_bytes, allowed_local_path, param), max_pixels, param)
+            return _read_local(Path(unquote(urlparse(source).path)), max_bytes, allowed_local_path, param)
         if "://" in source:
             raise InvalidRequestError(f"unsupported image URL scheme in {_short(source)!r}; use http(s), data: or "
                                       "file://", param)
-        return _decode(_read_local(Path(source), max_bytes, allowed_local_path, param), max_pixels, param)
+        return _read_local(Path(source), max_bytes, allowed_local_path, param)
     raise InvalidRequestError(f"unsupported image source type {type(source).__name__}", param)
+
+
+def _decoded(data: bytes | Image.Image, max_pixels: int, param: str | None) -> tuple[Image.Image, bytes | None]:
+    if isinstance(data, Image.Image):
+        return _to_rgb(data, param, owned=False), None
+    return _decode(data, max_pixels, param), data
 
 
 def _parse_data_url(url: str, max_bytes: int, param: str | None) -> bytes:

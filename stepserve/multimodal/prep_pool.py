@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from stepserve.multimodal.image_io import ImageSource, fetch_image_bytes, is_http_url, load_image
-from stepserve.multimodal.processor import ImageInput, ImageProcessor, ImageTokenIds
+from stepserve.multimodal.image_io import ImageSource, fetch_image_bytes, is_http_url, load_image, load_image_and_bytes
+from stepserve.multimodal.processor import ImageInput, ImageProcessor, ImageTokenIds, encoded_key
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,9 @@ def _warm_worker() -> None:
 
 def _load_and_process(processor: ImageProcessor, source: ImageSource, limits: ImageLimits,
                       param: str | None) -> ImageInput:
-    image = load_image(source, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
-                       allowed_local_path=limits.allowed_local_path, param=param)
-    return processor(image)
+    image, data = load_image_and_bytes(source, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
+                                       allowed_local_path=limits.allowed_local_path, param=param)
+    return processor(image, encoded_key(data) if data is not None else None)
 
 
 def _prepare_in_worker(source: ImageSource, limits: ImageLimits, param: str | None) -> ImageInput:

@@ -171,7 +171,9 @@ class ImageProcessor:
         plan = plan_crops(width, height)
         return len(self._crop_tokens) * plan.num_crops + max(plan.grid[1] - 1, 0) + len(self._global_tokens)
 
-    def __call__(self, image: Image.Image) -> ImageInput:
+    def __call__(self, image: Image.Image, key: str | None = None) -> ImageInput:
+        """`key`: the image's cache key when the caller has one (`encoded_key` of the bytes it was decoded
+        from); by default the decoded pixels are hashed (`image_hash`)."""
         if image.mode != "RGB":
             image = image.convert("RGB")
         plan = plan_crops(*image.size)
@@ -184,7 +186,7 @@ class ImageProcessor:
                 token_ids.append(self.ids.patch_newline)
         token_ids += self._global_tokens
         return ImageInput(view=pixels if view is image else _hwc_uint8(view), plan=plan, token_ids=token_ids,
-                          hash=image_hash(pixels), size=image.size)
+                          hash=key or image_hash(pixels), size=image.size)
 
 
 def image_hash(pixels: torch.Tensor) -> str:
@@ -194,6 +196,15 @@ def image_hash(pixels: torch.Tensor) -> str:
     digest = hashlib.blake2b(f"RGB:{w}x{h}:".encode(), digest_size=16)
     digest.update(pixels.numpy())
     return digest.hexdigest()
+
+
+def encoded_key(data: bytes) -> str:
+    """Key of an image by the encoded bytes it was decoded from. Equal bytes decode to equal pixels, so equal keys
+    still mean equal pixels; a client that sends the same data URL again (each turn of a chat does) still hits
+    the caches. The price: one picture sent in two encodings gets two entries. The gain: a 1280x720 JPEG's
+    ~0.7 MB hash in 0.65 ms instead of its 2.7 MB of pixels in 2.5 ms (2-core CPU). The prefix keeps these
+    keys apart from `image_hash` keys."""
+    return "encoded:" + hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def expand_prompt(token_ids: list[int], images: list[ImageInput], image_token_id: int) -> list[int]:
