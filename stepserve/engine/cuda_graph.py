@@ -23,32 +23,41 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, max_bs: int, max_pages_per_seq: int, max_context: int,
-                 scratch_slot: int, device: torch.device, kv_scale: float = 1.0):
-        self.model, self.device, self.kv_scale = model, device, kv_scale
+                 scratch_slot: int, device: torch.device, kv_scale: float = 1.0, num_tokens: int | None = None):
+        self.model, self.device, self.kv_scale, self.num_tokens = model, device, kv_scale, num_tokens
         self.sizes = graph_batch_sizes(max_bs)
         self.max_bs = self.sizes[-1]
         self.max_context, self.scratch_slot = max_context, scratch_slot
         n = self.max_bs
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), scratch_slot, dtype=torch.long, device=device)
-        self.kv_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(n, max_pages_per_seq, dtype=torch.int32, device=device)
+        # A step's inputs reach the graph in two host-to-device copies from pinned buffers (each separate copy or
+        # fill between two replays costs the GPU a few microseconds): the per-row fields, and the page table.
+        # Two host buffers alternate, so the host fills one while the other's copy may still be queued.
+        self._host = [_StepInputs(n, max_pages_per_seq, torch.device("cpu"), pin=device.type == "cuda")
+                      for _ in range(2)]
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()] if device.type == "cuda" else []  # capture: CUDA only
+        self._turn = 0
+        self.inputs = _StepInputs(n, max_pages_per_seq, device)
+        self.inputs.slot_mapping.fill_(scratch_slot)
+        self.inputs.kv_lens.fill_(1)
         self.cu_q_lens = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
 
     def _context(self, bs: int) -> ForwardContext:
-        return ForwardContext(cu_q_lens=self.cu_q_lens[: bs + 1], kv_lens=self.kv_lens[:bs],
-                              block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
+        x = self.inputs
+        return ForwardContext(cu_q_lens=self.cu_q_lens[: bs + 1], kv_lens=x.kv_lens[:bs],
+                              block_tables=x.block_tables[:bs], slot_mapping=x.slot_mapping[:bs],
                               max_q_len=1, max_kv_len=self.max_context, q_lens_cpu=[1] * bs, kv_lens_cpu=[1] * bs,
                               kv_scale=self.kv_scale)
 
     def _forward(self, bs: int) -> torch.Tensor:
         with forward_context(self._context(bs)):
-            hidden = self.model(self.input_ids[:bs], self.positions[:bs])
-        return self.model.compute_logits(hidden)
+            hidden = self.model(self.inputs.input_ids[:bs], self.inputs.positions[:bs])
+        logits = self.model.compute_logits(hidden)
+        if self.num_tokens is not None and self.num_tokens < logits.shape[-1]:
+            logits[:, self.num_tokens :] = float("-inf")  # padded vocabulary rows: never sampled
+        return logits
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -70,18 +79,50 @@ class DecodeGraphs:
     def can_run(self, bs: int) -> bool:
         return bs <= self.max_bs and bool(self.graphs)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            kv_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """Inputs for the real batch (on the device); returns logits [bs, V] (a view: read before the next run)."""
-        bs = input_ids.shape[0]
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int], kv_lens: list[int],
+            tables: list[list[int]], pending_at: list[int], pending_rows: list[int],
+            last_sampled: torch.Tensor | None) -> torch.Tensor:
+        """One decode step of len(input_ids) sequences; input_ids[pending_at[i]] is replaced by
+        last_sampled[pending_rows[i]] (a token still on the device). Returns logits [bs, V] with the padded
+        vocabulary rows at -inf (a view: read before the next run)."""
+        bs = len(input_ids)
         padded = next(s for s in self.sizes if s >= bs)
-        self.input_ids[:bs].copy_(input_ids)
-        self.positions[:bs].copy_(positions)
-        self.slot_mapping[:bs].copy_(slot_mapping)
-        self.slot_mapping[bs:padded].fill_(self.scratch_slot)
-        self.kv_lens[:bs].copy_(kv_lens)
-        self.kv_lens[bs:padded].fill_(1)
-        self.block_tables[:padded].zero_()
-        self.block_tables[:bs, : block_tables.shape[1]].copy_(block_tables)
+        host, copied = self._host[self._turn], self._copied[self._turn]
+        self._turn ^= 1
+        copied.synchronize()  # this buffer's previous copy has left it (normally long ago)
+        k = len(pending_at)
+        host.fill(input_ids, positions, slots, kv_lens, tables, pending_at + pending_rows, padded, self.scratch_slot)
+        width = max(len(t) for t in tables)
+        self.inputs.rows.copy_(host.rows, non_blocking=True)
+        self.inputs.block_tables[:bs, :width].copy_(host.block_tables[:bs, :width], non_blocking=True)
+        copied.record()
+        if k:
+            ids, at = self.inputs.input_ids, self.inputs.pending[: 2 * k]
+            ids[at[:k]] = last_sampled[at[k:]]
         self.graphs[padded].replay()
         return self.logits[padded][:bs]
+
+
+class _StepInputs:
+    """A decode step's inputs for up to n sequences: int64 ids, positions, slots and pending-token rows, and int32
+    kv lens, as views of one byte buffer `rows` (one copy moves them all), plus the int32 page table [n, pages]."""
+
+    def __init__(self, n: int, pages: int, device: torch.device, pin: bool = False):
+        self.rows = torch.zeros(44 * n, dtype=torch.uint8, device=device, pin_memory=pin)
+        wide = self.rows[: 40 * n].view(torch.int64)
+        self.input_ids, self.positions, self.slot_mapping = wide[:n], wide[n : 2 * n], wide[2 * n : 3 * n]
+        self.pending = wide[3 * n :]  # pending positions in the batch, then their rows in the last sampled ids
+        self.kv_lens = self.rows[40 * n :].view(torch.int32)
+        self.block_tables = torch.zeros(n, pages, dtype=torch.int32, device=device, pin_memory=pin)
+
+    def fill(self, input_ids: list[int], positions: list[int], slots: list[int], kv_lens: list[int],
+             tables: list[list[int]], pending: list[int], padded: int, scratch_slot: int) -> None:
+        """Host side: write a batch of bs sequences; rows bs..padded are padding (the scratch slot, one key)."""
+        bs = len(input_ids)
+        ids, pos, slot, pend, lens, table = (t.numpy() for t in (self.input_ids, self.positions, self.slot_mapping,
+                                                                 self.pending, self.kv_lens, self.block_tables))
+        ids[:bs], pos[:bs], slot[:bs], lens[:bs] = input_ids, positions, slots, kv_lens
+        slot[bs:padded], lens[bs:padded] = scratch_slot, 1
+        pend[: len(pending)] = pending
+        for row, pages in zip(table, tables):
+            row[: len(pages)] = pages

@@ -14,7 +14,7 @@ from stepserve.engine.cuda_graph import DecodeGraphs
 from stepserve.engine.request import Sequence
 from stepserve.engine.sampling import Sampler, SamplingBatch
 from stepserve.engine.scheduler import ScheduledBatch
-from stepserve.layers.attention import build_context, forward_context
+from stepserve.layers.attention import build_context, forward_context, slot_of
 from stepserve.multimodal.encoder_cache import EncoderCache
 from stepserve.multimodal.processor import ImageInput, pixel_inputs
 
@@ -73,7 +73,7 @@ class ModelRunner:
         max_pages = -(-context_length // self.page_size)
         self.graphs = DecodeGraphs(self.model, min(self.config.cuda_graph_max_bs, self.config.max_running_requests),
                                    max_pages, context_length, self.num_pages * self.page_size, self.device,
-                                   self.kv_scale)
+                                   self.kv_scale, self.num_tokens)
         self.graphs.capture()
 
     @torch.inference_mode()
@@ -133,6 +133,12 @@ class ModelRunner:
         mm_embeds = torch.cat(mm_rows).to(self.device, self.dtype) if mm_rows else None
         mask = torch.tensor(mm_mask, dtype=torch.bool).to(self.device, non_blocking=True) if mm_rows else None
         kv_lens = [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)]
+        if batch.is_decode and not mm_rows and self.graphs is not None and self.graphs.can_run(len(batch)):
+            tables = [s.pages for s in batch.seqs]
+            slots = [slot_of(pages, p, self.page_size) for pages, p in zip(tables, positions)]
+            logits = self.graphs.run(ids, positions, slots, kv_lens, tables, pending_at, pending_rows,
+                                     self.last_sampled)
+            return self._sample(batch.seqs, logits, vocab_masked=True)
         ctx = build_context(batch.num_new, kv_lens, [s.pages for s in batch.seqs], self.page_size, self.device,
                             self.kv_scale)
         tokens = torch.tensor(ids + positions, dtype=torch.int64).to(self.device, non_blocking=True)
@@ -140,9 +146,6 @@ class ModelRunner:
         if pending_at:
             at = torch.tensor(pending_at + pending_rows, dtype=torch.long).to(self.device, non_blocking=True)
             input_ids[at[: len(pending_at)]] = self.last_sampled[at[len(pending_at) :]]
-        if batch.is_decode and not mm_rows and self.graphs is not None and self.graphs.can_run(len(batch)):
-            logits = self.graphs.run(input_ids, pos, ctx.slot_mapping, ctx.kv_lens, ctx.block_tables)
-            return self._sample(batch.seqs, logits)
         with forward_context(ctx):
             hidden = self.model(input_ids, pos, mm_embeds, mask)
         sampled = [i for i in range(len(batch)) if batch.samples(i)]
@@ -214,8 +217,8 @@ class ModelRunner:
             seq.image_embeds[k] = fresh[seq.spans[k].image.hash]
 
     # -- sampling ---------------------------------------------------------------------------------
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> LaunchedStep:
-        if self.num_tokens < logits.shape[-1]:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, vocab_masked: bool = False) -> LaunchedStep:
+        if not vocab_masked and self.num_tokens < logits.shape[-1]:
             logits[:, self.num_tokens :] = float("-inf")
         sb = SamplingBatch.build(
             params=[s.params for s in seqs], seeds=[s.seed for s in seqs],

@@ -64,6 +64,11 @@ def forward_context(ctx: ForwardContext):
         _CONTEXT = prev
 
 
+def slot_of(pages: list[int], position: int, page_size: int) -> int:
+    """The cache slot of a sequence's token at `position`, given the sequence's pages."""
+    return pages[position // page_size] * page_size + position % page_size
+
+
 def build_context(q_lens: list[int], kv_lens: list[int], block_tables: list[list[int]], page_size: int,
                   device: torch.device | str = "cpu", kv_scale: float = 1.0) -> ForwardContext:
     """Context for sequences whose last `q_lens[i]` of `kv_lens[i]` tokens are new this step.
@@ -77,7 +82,7 @@ def build_context(q_lens: list[int], kv_lens: list[int], block_tables: list[list
     for q, kv, pages in zip(q_lens, kv_lens, block_tables):
         table.extend(pages)
         table.extend([0] * (width - len(pages)))
-        slots.extend(pages[p // page_size] * page_size + p % page_size for p in range(kv - q, kv))
+        slots.extend(slot_of(pages, p, page_size) for p in range(kv - q, kv))
     cu = [0]
     for q in q_lens:
         cu.append(cu[-1] + q)

@@ -167,7 +167,8 @@ def test_decode_graph_uses_the_fp8_kv_scale(tmp_path):
                     return model.compute_logits(model(token, pos))
             graphs = DecodeGraphs(model, 1, len(pages), n + 1, len(pages) * page, torch.device(DEV), graph_scale)
             graphs.capture()
-            return graphs.run(token, pos, ctx.slot_mapping, ctx.kv_lens, ctx.block_tables).clone()
+            return graphs.run(token.tolist(), pos.tolist(), ctx.slot_mapping.tolist(), [n + 1], [pages], [], [],
+                              None).clone()
 
     eager = decode_logits(None)
     assert rel(decode_logits(scale), eager) < 2e-2

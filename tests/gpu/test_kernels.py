@@ -405,8 +405,8 @@ def test_tiny_decoder_through_decode_graphs(tmp_path):
                         ctx = build_context([1] * 3, kv, tables, page, DEV, kv_scale=kv_scale)
                         pos = torch.tensor([n - 1 for n in kv], device=DEV)
                         if kernels:
-                            steps.append(graphs.run(tokens, pos, ctx.slot_mapping, ctx.kv_lens,
-                                                    ctx.block_tables).clone())
+                            steps.append(graphs.run(tokens.tolist(), pos.tolist(), ctx.slot_mapping.tolist(), kv,
+                                                    tables, [], [], None).clone())
                         else:
                             with forward_context(ctx):
                                 steps.append(model.compute_logits(model(tokens, pos)))
