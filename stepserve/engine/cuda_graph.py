@@ -122,7 +122,8 @@ class _StepInputs:
         ids, pos, slot, pend, lens, table = (t.numpy() for t in (self.input_ids, self.positions, self.slot_mapping,
                                                                  self.pending, self.kv_lens, self.block_tables))
         ids[:bs], pos[:bs], slot[:bs], lens[:bs] = input_ids, positions, slots, kv_lens
-        slot[bs:padded], lens[bs:padded] = scratch_slot, 1
+        # Padding rows: token 0 at position 0 (this buffer may hold an older step's placeholder ids there).
+        ids[bs:padded], pos[bs:padded], slot[bs:padded], lens[bs:padded] = 0, 0, scratch_slot, 1
         pend[: len(pending)] = pending
         for row, pages in zip(table, tables):
             row[: len(pages)] = pages
