@@ -9,7 +9,9 @@ Server: the real app around the tiny built-in model, under uvicorn in this proce
 value (`--image-workers`). Requests go one at a time; each one's `stepserve_request_prepare_seconds` is
 the histogram sum's increase, and timers wrapped around the server's own steps split it: `read` (the body
 read), `parse` (the rest of arrival to the route's parsed request: JSON, pydantic), `template`, `images`
-(fetch, decode, preprocess, back from the workers), `tokenize` (and placeholder expansion), `other` (the rest).
+(fetch, decode, preprocess, back from the workers), `tokenize` (and placeholder expansion; since the text is
+tokenized while the images are prepared, only its part outside `images` counts towards the sum), `other`
+(prepare minus the serial phases).
 
 One image, in this process: the same steps one by one (base64, decode, cache key, processor), then a 1-worker
 pool's `prepare` of the same URL, whose excess over those steps is the process hop (arguments out, pixels back).
@@ -56,7 +58,21 @@ class PhaseTimer:
 
     def __init__(self) -> None:
         self.last: dict[str, float] = defaultdict(float)
+        self.spans: dict[str, tuple[float, float]] = {}
         self.read = 0.0
+
+    def _record(self, name: str, start: float) -> None:
+        end = time.monotonic()
+        self.last[name] += (end - start) * 1e3
+        self.spans[name] = (start, end)
+
+    def serial_ms(self) -> float:
+        """The phases' total, counting only tokenization's part outside the image preparation."""
+        tokenize = self.last["tokenize"]
+        if "images" in self.spans and "tokenize" in self.spans:
+            (i0, i1), (t0, t1) = self.spans["images"], self.spans["tokenize"]
+            tokenize -= max(0.0, min(i1, t1) - max(i0, t0)) * 1e3
+        return sum(self.last[k] for k in ("read", "parse", "template", "images")) + tokenize
 
     def install(self) -> None:
         timer, S = self, serving_module.Serving
@@ -74,6 +90,7 @@ class PhaseTimer:
         async def timed_chat(self, req, request, t0):
             arrived = (time.monotonic() - t0) * 1e3
             timer.last = defaultdict(float, read=timer.read, parse=arrived - timer.read)
+            timer.spans = {}
             return await chat(self, req, request, t0)
 
         @functools.wraps(prepare_images)
@@ -82,7 +99,7 @@ class PhaseTimer:
             try:
                 return await prepare_images(self, *a)
             finally:
-                timer.last["images"] += (time.monotonic() - start) * 1e3
+                timer._record("images", start)
 
         @functools.wraps(in_pool)
         async def timed_pool(self, fn, *a):
@@ -90,8 +107,7 @@ class PhaseTimer:
             try:
                 return await in_pool(self, fn, *a)
             finally:
-                name = "template" if getattr(fn, "__name__", "") == "render_chat" else "tokenize"
-                timer.last[name] += (time.monotonic() - start) * 1e3
+                timer._record("template" if getattr(fn, "__name__", "") == "render_chat" else "tokenize", start)
 
         S.chat, S._prepare_images, S._in_pool, Request.body = timed_chat, timed_images, timed_pool, timed_body
 
@@ -125,7 +141,7 @@ def server_phases(workers: int, runs: int, image_format: str, timer: PhaseTimer)
                 resp.raise_for_status()
                 prepare = (registry.get_sample_value("stepserve_request_prepare_seconds_sum") - before) * 1e3
                 row = dict(timer.last, prepare=prepare)
-                row["other"] = prepare - sum(row.get(k, 0.0) for k in PHASES[1:-1])
+                row["other"] = prepare - timer.serial_ms()
                 if i:  # the first request is a warm-up
                     rows.append(row)
         return {k: statistics.median(r.get(k, 0.0) for r in rows) for k in PHASES}

@@ -3,6 +3,7 @@ and the seed's section-4 calls through the real `openai` client on a real uvicor
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import http.server
@@ -20,6 +21,7 @@ from PIL import Image
 
 from stepserve.api.server import build_app
 from stepserve.config import ServerArgs
+from stepserve.multimodal.image_io import load_image
 from tests.fake_engine import IMAGE_TOKENS, FakeEngine, tiny_tokenizer
 
 MODEL = "stepfun-ai/Step3-VL-10B"
@@ -223,6 +225,32 @@ def test_images_count_in_prompt_tokens(tok):
     assert [im.size for im in req["images"]] == [(8, 6), (5, 5)]
     text_ids = tok.encode(req["prompt"], add_special_tokens=False)
     assert r["usage"]["prompt_tokens"] == len(text_ids) - 2 + 2 * IMAGE_TOKENS == len(req["ids"])
+
+
+def test_text_is_tokenized_while_images_are_prepared(tok, monkeypatch):
+    client, engine = make_client(tok)
+    serving = client.app.state.serving
+    tokenized = threading.Event()
+    tokenize = serving._tokenize
+
+    def tokenize_and_tell(prompt):
+        ids = tokenize(prompt)
+        tokenized.set()
+        return ids
+
+    async def prepare(source, param):
+        # Done only once the text is tokenized: if tokenization waited for the images, this would time out.
+        if not await asyncio.to_thread(tokenized.wait, 5):
+            raise RuntimeError("the text was not tokenized while the image was prepared")
+        return engine.image_processor(load_image(source))
+
+    monkeypatch.setattr(serving, "_tokenize", tokenize_and_tell)
+    monkeypatch.setattr(serving.images, "prepare", prepare)
+    content = [{"type": "image_url", "image_url": {"url": png_data_url()}}, {"type": "text", "text": "What is it?"}]
+    with client:
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(engine.requests[-1]["ids"])
 
 
 # --- errors ---------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """From a validated request to engine outputs to OpenAI responses: /v1/chat/completions and /v1/completions.
 
 CPU work that could stall the event loop (template rendering, image preprocessing, tokenization) runs in a
-thread pool; images are fetched asynchronously. Errors raised before the first token (bad input, prompt too
-long) become HTTP errors even for streams, because the first engine output is awaited before responding.
+thread pool (images: in worker processes by default on GPU hosts); images are fetched asynchronously, and a
+chat's text is tokenized while its images are prepared. Errors raised before the first token (bad input,
+prompt too long) become HTTP errors even for streams, because the first engine output is awaited before
+responding.
 """
 
 from __future__ import annotations
@@ -91,18 +93,20 @@ class Serving:
     async def _in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    def _token_ids(self, prompt: str | list[int], images: list) -> tuple[list[int], list]:
-        """Tokenize and expand the placeholders of already preprocessed images (ImageInput)."""
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt given as text or as ids (checked), its image placeholders not yet expanded."""
+        if isinstance(prompt, str):
+            return self.engine.tokenizer.encode(prompt, add_special_tokens=False)
+        vocab = len(self.engine.tokenizer)
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return list(prompt)
+
+    def _expand(self, ids: list[int], images: list) -> list[int]:
+        """Each image's placeholder replaced by its token layout (images: ImageInput, in prompt order)."""
         from stepserve.multimodal.processor import expand_prompt  # torch lives there; keep it off import time
 
-        if isinstance(prompt, str):
-            ids = self.engine.tokenizer.encode(prompt, add_special_tokens=False)
-        else:
-            vocab = len(self.engine.tokenizer)
-            if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
-                raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-            ids = list(prompt)
-        return expand_prompt(ids, images, self.engine.image_token_id), images
+        return expand_prompt(ids, images, self.engine.image_token_id)
 
     async def _prepare_images(self, sources: list, params: list[str]) -> list:
         """Fetch, decode and preprocess each image (ImageInput); each image goes through on its own, in
@@ -141,8 +145,10 @@ class Serving:
         prompt, sources = await self._in_pool(render_chat, req.messages, self.engine.tokenizer,
                                               self.engine.chat_template, req.template_tools(), True,
                                               req.chat_template_kwargs)
-        inputs = await self._prepare_images(sources, image_part_params(req.messages))
-        ids, images = await self._in_pool(self._token_ids, prompt, inputs)
+        # The text is tokenized while the images are prepared: only the placeholders' expansion needs both.
+        images, text_ids = await asyncio.gather(self._prepare_images(sources, image_part_params(req.messages)),
+                                                self._in_pool(self._tokenize, prompt))
+        ids = self._expand(text_ids, images)
         params = P.to_sampling_params(req, self.engine.context_length, len(ids))
         rid = P.new_id("chatcmpl-")
         stream = _Generation(self, rid, t0, self.engine.generate(ids, images, params, rid, prompt=prompt))
@@ -220,7 +226,7 @@ class Serving:
         prompts = req.prompts()
         if len(prompts) != 1:
             raise InvalidRequestError("one prompt per request (send several requests to batch)", param="prompt")
-        ids, _ = await self._in_pool(self._token_ids, prompts[0], [])
+        ids = self._expand(await self._in_pool(self._tokenize, prompts[0]), [])
         params = P.to_sampling_params(req, self.engine.context_length, len(ids))
         rid = P.new_id("cmpl-")
         stream = _Generation(self, rid, t0, self.engine.generate(ids, [], params, rid))
