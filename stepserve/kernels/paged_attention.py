@@ -110,8 +110,9 @@ def _decode_kernel(q_ptr, knew_ptr, vnew_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_p
     # step's new one (the last) was cached by earlier steps: all of that is read before the PDL wait, so the
     # first block's K/V loads overlap the kernel that computes q.
     kv_len = tl.load(kv_lens_ptr + seq)
-    # Whole blocks per split, so only a sequence's very last block needs a mask; at least one block, so that
-    # the number of non-empty splits, cdiv(kv_len, chunk), is defined for kv_len 0 too.
+    # Whole blocks per split (equal shares measured slower), so past a split's first block (masked: it is loaded
+    # before the wait) only a sequence's last block needs a mask; at least one block, so that the number of
+    # non-empty splits, cdiv(kv_len, chunk), is defined for kv_len 0 too.
     chunk = tl.maximum(tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N), 1) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, kv_len)
