@@ -11,6 +11,7 @@ by the event loop; the workers get their bytes.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import io
 import multiprocessing
@@ -41,12 +42,30 @@ def default_workers(has_gpu: bool) -> int:
 
 
 _PROCESSOR: ImageProcessor | None = None
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_MiB = 1 << 20
 
 
 def _init_worker(token_ids: ImageTokenIds) -> None:
     global _PROCESSOR
     torch.set_num_threads(1)  # one image per process; several processes already use the cores
+    _reuse_freed_memory()
     _PROCESSOR = ImageProcessor(token_ids)
+
+
+def _reuse_freed_memory() -> None:
+    """Let glibc serve an image's buffers from the memory the previous image freed.
+
+    By default glibc maps each allocation above a threshold afresh and returns freed memory to the OS, so every
+    image paid page faults and the kernel's zeroing for its encoded bytes, decoded pixels and pickled result:
+    ~3 ms of the seed request's (two 1280x720 JPEGs) 27 ms on a 2-core CPU. A worker now keeps up to 64 MiB of
+    freed memory; allocations over 32 MiB (glibc's largest threshold) are still mapped and returned."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its allocator decides
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 32 * _MiB)
+    libc.mallopt(_M_TRIM_THRESHOLD, 64 * _MiB)
 
 
 def _warm_worker() -> None:
