@@ -6,8 +6,8 @@ The seed request: 2 random 1280x720 images as data URLs (`stepserve bench servin
 --image-resolution 720p --image-count 2`) + ~128 text tokens, max_tokens 1.
 
 Server: the real app around the tiny built-in model, under uvicorn in this process, once per `--workers`
-value (`--image-workers`). Requests go one at a time; each one's `stepserve_request_prepare_seconds` is
-the histogram sum's increase, and timers wrapped around the server's own steps split it: `read` (the body
+value (`--image-workers`); the client is another process (as bench_serving is), sending one request at a
+time. Each request's `stepserve_request_prepare_seconds` is the histogram sum's increase, and timers wrapped around the server's own steps split it: `read` (the body
 read), `parse` (the rest of arrival to the route's parsed request: JSON, pydantic), `template`, `images`
 (fetch, decode, preprocess, back from the workers), `tokenize` (and placeholder expansion; since the text is
 tokenized while the images are prepared, only its part outside `images` counts towards the sum), `other`
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import multiprocessing
 import statistics
 import threading
 import time
@@ -39,11 +40,14 @@ from stepserve.bench.client import build_payload
 from stepserve.bench.datasets import sample_image_requests
 from stepserve.config import ServerArgs
 from stepserve.engine.engine import AsyncEngine
+from stepserve.loader import load_tokenizer
 from stepserve.multimodal.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, _decode, _parse_data_url
 from stepserve.multimodal.prep_pool import ImageLimits, ImagePrepPool
 from stepserve.multimodal.processor import encoded_key
+from stepserve.testing import tiny_checkpoint
 
 PHASES = ("prepare", "read", "parse", "template", "images", "tokenize", "other")
+PREPARE_SUM = "stepserve_request_prepare_seconds_sum"
 
 
 def seed_payloads(tokenizer, n: int, image_format: str, seed: int) -> list[dict]:
@@ -53,10 +57,21 @@ def seed_payloads(tokenizer, n: int, image_format: str, seed: int) -> list[dict]
     return [build_payload(True, "stepserve-tiny", r.prompt, r.image_data, 1, True, True, {}) for r in reqs]
 
 
+def send_requests(url: str, n: int, image_format: str, seed: int) -> None:
+    """The client process: `n` seed requests, one at a time."""
+    payloads = seed_payloads(load_tokenizer(tiny_checkpoint()), n, image_format, seed)
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for payload in payloads:
+            time.sleep(0.2)  # let the last request's engine work (and its spinning CPU threads) settle
+            client.post("/v1/chat/completions", json=payload).raise_for_status()
+
+
 class PhaseTimer:
-    """Wraps the serving steps of one request and collects their wall times (ms) in `last`."""
+    """Wraps the serving steps of a request, collects their wall times (ms) in `last` and, when the request
+    reaches the engine, appends them to `rows` with the prepare histogram's increase."""
 
     def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
         self.last: dict[str, float] = defaultdict(float)
         self.spans: dict[str, tuple[float, float]] = {}
         self.read = 0.0
@@ -75,8 +90,17 @@ class PhaseTimer:
         return sum(self.last[k] for k in ("read", "parse", "template", "images")) + tokenize
 
     def install(self) -> None:
-        timer, S = self, serving_module.Serving
+        timer, S, G = self, serving_module.Serving, serving_module._Generation
         chat, prepare_images, in_pool, body = S.chat, S._prepare_images, S._in_pool, Request.body
+        generation = G.__init__
+
+        @functools.wraps(generation)
+        def timed_generation(self, serving, *a):
+            registry = serving.metrics.registry
+            before = registry.get_sample_value(PREPARE_SUM) or 0.0
+            generation(self, serving, *a)  # observes the prepare histogram
+            prepare = (registry.get_sample_value(PREPARE_SUM) - before) * 1e3
+            timer.rows.append(dict(timer.last, prepare=prepare, other=prepare - timer.serial_ms()))
 
         @functools.wraps(body)
         async def timed_body(self):
@@ -110,6 +134,7 @@ class PhaseTimer:
                 timer._record("template" if getattr(fn, "__name__", "") == "render_chat" else "tokenize", start)
 
         S.chat, S._prepare_images, S._in_pool, Request.body = timed_chat, timed_images, timed_pool, timed_body
+        G.__init__ = timed_generation
 
 
 def serve(args: ServerArgs) -> tuple[uvicorn.Server, threading.Thread, str]:
@@ -129,21 +154,14 @@ def serve(args: ServerArgs) -> tuple[uvicorn.Server, threading.Thread, str]:
 def server_phases(workers: int, runs: int, image_format: str, timer: PhaseTimer) -> dict[str, float]:
     server, thread, url = serve(ServerArgs(image_workers=workers))
     try:
-        serving = server.config.app.state.serving
-        registry = serving.metrics.registry
-        payloads = seed_payloads(serving.engine.tokenizer, runs + 1, image_format, seed=workers)
-        rows = []
-        with httpx.Client(base_url=url, timeout=120) as client:
-            for i, payload in enumerate(payloads):
-                time.sleep(0.2)  # let the last request's engine work (and its spinning CPU threads) settle
-                before = registry.get_sample_value("stepserve_request_prepare_seconds_sum") or 0.0
-                resp = client.post("/v1/chat/completions", json=payload)
-                resp.raise_for_status()
-                prepare = (registry.get_sample_value("stepserve_request_prepare_seconds_sum") - before) * 1e3
-                row = dict(timer.last, prepare=prepare)
-                row["other"] = prepare - timer.serial_ms()
-                if i:  # the first request is a warm-up
-                    rows.append(row)
+        timer.rows.clear()
+        client = multiprocessing.get_context("spawn").Process(target=send_requests,
+                                                              args=(url, runs + 1, image_format, workers))
+        client.start()
+        client.join()
+        if client.exitcode != 0:
+            raise RuntimeError(f"the client failed with exit code {client.exitcode}")
+        rows = timer.rows[1:]  # the first request is a warm-up
         return {k: statistics.median(r.get(k, 0.0) for r in rows) for k in PHASES}
     finally:
         server.should_exit = True
