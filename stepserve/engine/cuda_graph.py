@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from stepserve.engine.sampling import mask_padded_vocab
 from stepserve.layers.attention import ForwardContext, forward_context
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,7 @@ class DecodeGraphs:
         with forward_context(self._context(bs)):
             hidden = self.model(self.inputs.input_ids[:bs], self.inputs.positions[:bs])
         logits = self.model.compute_logits(hidden)
-        if self.num_tokens is not None and self.num_tokens < logits.shape[-1]:
-            logits[:, self.num_tokens :] = float("-inf")  # padded vocabulary rows: never sampled
-        return logits
+        return logits if self.num_tokens is None else mask_padded_vocab(logits, self.num_tokens)
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -12,7 +12,7 @@ import torch
 from stepserve.config import EngineConfig
 from stepserve.engine.cuda_graph import DecodeGraphs
 from stepserve.engine.request import Sequence
-from stepserve.engine.sampling import Sampler, SamplingBatch
+from stepserve.engine.sampling import Sampler, SamplingBatch, mask_padded_vocab
 from stepserve.engine.scheduler import ScheduledBatch
 from stepserve.layers.attention import build_context, forward_context, slot_of
 from stepserve.multimodal.encoder_cache import EncoderCache
@@ -138,7 +138,7 @@ class ModelRunner:
             slots = [slot_of(pages, p, self.page_size) for pages, p in zip(tables, positions)]
             logits = self.graphs.run(ids, positions, slots, kv_lens, tables, pending_at, pending_rows,
                                      self.last_sampled)
-            return self._sample(batch.seqs, logits, vocab_masked=True)
+            return self._sample(batch.seqs, logits)
         ctx = build_context(batch.num_new, kv_lens, [s.pages for s in batch.seqs], self.page_size, self.device,
                             self.kv_scale)
         tokens = torch.tensor(ids + positions, dtype=torch.int64).to(self.device, non_blocking=True)
@@ -153,7 +153,7 @@ class ModelRunner:
             return LaunchedStep([], None)
         ends = list(itertools.accumulate(batch.num_new))
         last = torch.tensor([ends[i] - 1 for i in sampled], device=self.device)
-        logits = self.model.compute_logits(hidden[last])
+        logits = mask_padded_vocab(self.model.compute_logits(hidden[last]), self.num_tokens)
         seqs = [batch.seqs[i] for i in sampled]
         return self._sample(seqs, logits)
 
@@ -217,9 +217,8 @@ class ModelRunner:
             seq.image_embeds[k] = fresh[seq.spans[k].image.hash]
 
     # -- sampling ---------------------------------------------------------------------------------
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, vocab_masked: bool = False) -> LaunchedStep:
-        if not vocab_masked and self.num_tokens < logits.shape[-1]:
-            logits[:, self.num_tokens :] = float("-inf")
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> LaunchedStep:
+        """Sample from logits whose padded vocabulary rows are already masked (`mask_padded_vocab`)."""
         sb = SamplingBatch.build(
             params=[s.params for s in seqs], seeds=[s.seed for s in seqs],
             steps=[len(s.output_ids) + s.num_pending for s in seqs],

@@ -55,6 +55,14 @@ def uniforms(seeds: list[int], steps: list[int]) -> torch.Tensor:
     return ((h >> 8).double() * 2.0**-24).float()  # 24 bits: exact in float32 and strictly below 1
 
 
+def mask_padded_vocab(logits: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Logits [B, V] with the padded vocabulary rows (ids at or past num_tokens: no token has them) at -inf, in
+    place: they are never sampled."""
+    if num_tokens < logits.shape[-1]:
+        logits[:, num_tokens:] = float("-inf")
+    return logits
+
+
 @dataclass
 class SampleResult:
     token_ids: torch.Tensor  # int64 [B]

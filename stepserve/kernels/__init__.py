@@ -40,5 +40,5 @@ def install_triton_kernels(enable: bool = True) -> None:
 
 
 __all__ = ["apply_rotary", "decode_attention", "extend_attention", "fp8_gemm", "fused_add_rms_norm",
-           "install_triton_kernels", "paged_attention", "qk_norm_rope", "qk_norm_rope_attend", "qk_norm_rope_store_kv", "rms_norm",
-           "silu_and_mul", "LAYER_KERNELS"]
+           "install_triton_kernels", "paged_attention", "qk_norm_rope", "qk_norm_rope_attend", "qk_norm_rope_store_kv",
+           "rms_norm", "silu_and_mul", "LAYER_KERNELS"]

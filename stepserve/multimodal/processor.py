@@ -177,16 +177,17 @@ class ImageProcessor:
         if image.mode != "RGB":
             image = image.convert("RGB")
         plan = plan_crops(*image.size)
-        pixels = _hwc_uint8(image)
         view = _global_view(image, plan)
+        view_pixels = _hwc_uint8(view)
         token_ids: list[int] = []
         for newline in plan.newline_mask:
             token_ids += self._crop_tokens
             if newline:
                 token_ids.append(self.ids.patch_newline)
         token_ids += self._global_tokens
-        return ImageInput(view=pixels if view is image else _hwc_uint8(view), plan=plan, token_ids=token_ids,
-                          hash=key or image_hash(pixels), size=image.size)
+        # Most views are the image itself: its array is then hashed too, not copied out of PIL a second time.
+        hash_ = key or image_hash(view_pixels if view is image else _hwc_uint8(image))
+        return ImageInput(view=view_pixels, plan=plan, token_ids=token_ids, hash=hash_, size=image.size)
 
 
 def image_hash(pixels: torch.Tensor) -> str:
