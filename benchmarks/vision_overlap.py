@@ -1,0 +1,149 @@
+"""Can the vision tower run beside decoding? Vision is compute-bound, decode at batch ~100 is memory-bound.
+
+    python benchmarks/vision_overlap.py [--batch 96] [--prompt 1900] [--passes 6] [--steps 120]
+
+At real size with dummy weights: one vision pass (two 1280x720 images: 2 views + 12 crops) and one decode
+step (CUDA-graph replay at `--batch` sequences of `--prompt` tokens) timed alone, then `--passes` vision passes
+and `--steps` decode steps queued together on two streams (each variant below), against running them one
+after the other. Also times the vision attention shapes with head_dim 96 against 128 (zero-padded).
+"""
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from stepserve.config import EngineConfig
+from stepserve.engine.engine import Engine
+from stepserve.engine.sampling_params import SamplingParams
+from stepserve.testing import real_dummy_checkpoint
+
+
+def timed(fn, reps: int, stream: torch.cuda.Stream | None = None) -> float:
+    """Median ms of fn() over reps runs (events on `stream`)."""
+    stream = stream or torch.cuda.current_stream()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            a.record()
+            fn()
+            b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def together(vision, decode, passes: int, steps: int, vs: torch.cuda.Stream, ds: torch.cuda.Stream) -> dict:
+    """Queue `passes` vision passes on vs and `steps` decode steps on ds from one start; when each stream ends."""
+    torch.cuda.synchronize()
+    start = torch.cuda.Event(enable_timing=True)
+    start.record()
+    ends = {}
+    for name, s in (("vision", vs), ("decode", ds)):
+        s.wait_event(start)
+    with torch.cuda.stream(vs):
+        for _ in range(passes):
+            vision()
+        ends["vision"] = torch.cuda.Event(enable_timing=True)
+        ends["vision"].record()
+    with torch.cuda.stream(ds):
+        for _ in range(steps):
+            decode()
+        ends["decode"] = torch.cuda.Event(enable_timing=True)
+        ends["decode"].record()
+    torch.cuda.synchronize()
+    return {k: round(start.elapsed_time(e), 1) for k, e in ends.items()}
+
+
+def attention_shapes(out: dict) -> None:
+    """SDPA over the tower's sequences (views 2 x 2704, crops 12 x 1296 tokens, 16 heads): d 96 vs padded 128."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for count, length in ((2, 2704), (12, 1296)):
+        flops = 4 * count * 16 * length * length * 96
+        qkv = torch.randn(count * length, 3, 16, 96, device="cuda", dtype=torch.bfloat16)
+        views = [x.unflatten(0, (count, length)).transpose(1, 2) for x in qkv.unbind(1)]
+        padded = [F.pad(x, (0, 32)).contiguous() for x in views]
+        dense = [x.contiguous() for x in views]
+        for name, args, backend in (("d96 strided cudnn", views, SDPBackend.CUDNN_ATTENTION),
+                                    ("d96 dense cudnn", dense, SDPBackend.CUDNN_ATTENTION),
+                                    ("d96 dense flash", dense, SDPBackend.FLASH_ATTENTION),
+                                    ("d128 padded cudnn", padded, SDPBackend.CUDNN_ATTENTION),
+                                    ("d128 padded flash", padded, SDPBackend.FLASH_ATTENTION)):
+            try:
+                with sdpa_kernel(backend):
+                    ms = timed(lambda: F.scaled_dot_product_attention(*args, scale=96 ** -0.5), 20)
+            except RuntimeError as e:
+                print(f"{count}x{length} {name}: {str(e)[:80]}")
+                continue
+            out[f"attn {count}x{length} {name}"] = {"ms": round(ms, 3), "tflops_d96": round(flops / ms / 1e9, 1)}
+            print(f"attention {count}x{length} {name}: {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s at d 96)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=96)
+    ap.add_argument("--prompt", type=int, default=1900)
+    ap.add_argument("--passes", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--green-sms", default="96,112,120", help="SMs for vision in a green context (0: skip)")
+    args = ap.parse_args()
+    out: dict = {}
+    attention_shapes(out)
+    engine = Engine(EngineConfig(model=str(real_dummy_checkpoint("/tmp/step3-vl-10b-dummy")), load_format="dummy",
+                                 context_length=8192))
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    for i in range(args.batch):
+        engine.add_request(f"d{i}", [(7 * i + j) % 800 + 10 for j in range(args.prompt)], [], params)
+    while any(s.is_prefilling or not s.output_ids for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    engine.step()  # the graph's staged inputs are now a decode step of every sequence
+    torch.cuda.synchronize()
+    graphs = engine.runner.graphs
+    graph = graphs.graphs[next(s for s in graphs.sizes if s >= args.batch)]
+    model = engine.runner.model
+    pixels = torch.randn(2, 3, 728, 728, device="cuda", dtype=torch.bfloat16)
+    crops = torch.randn(12, 3, 504, 504, device="cuda", dtype=torch.bfloat16)
+
+    @torch.inference_mode()
+    def vision():
+        model.encode_images(pixels, crops, [6, 6])
+
+    vision()
+    out["vision_ms"] = timed(vision, 5)
+    out["decode_ms"] = timed(graph.replay, 30)
+    serial = args.passes * out["vision_ms"] + args.steps * out["decode_ms"]
+    out["serial_ms"] = round(serial, 1)
+    print(json.dumps(out))
+    variants = {"same priority": (torch.cuda.Stream(), torch.cuda.Stream()),
+                "decode high priority": (torch.cuda.Stream(priority=0), torch.cuda.Stream(priority=-1))}
+    for sms in [int(s) for s in args.green_sms.split(",") if int(s)]:
+        try:
+            from torch.cuda.green_contexts import GreenContext
+
+            gc = GreenContext.create(sms, 0)
+            if hasattr(gc, "Stream"):
+                vs = gc.Stream()
+            else:  # torch 2.10's API: a stream made while the green context is current belongs to it
+                gc.set_context()
+                vs = torch.cuda.Stream()
+                gc.pop_context()
+            variants[f"vision in a {sms}-SM green context"] = (vs, torch.cuda.Stream(priority=-1))
+        except Exception as e:  # noqa: BLE001 - report whatever this torch / driver lacks and go on
+            print(f"green context {sms}: {type(e).__name__}: {str(e)[:120]}")
+    for name, (vs, ds) in variants.items():
+        ends = together(vision, graph.replay, args.passes, args.steps, vs, ds)
+        total = max(ends.values())
+        out[name] = {**ends, "total_ms": total, "vs_serial": round(total / serial, 3)}
+        print(f"{name}: {json.dumps(out[name])}")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "vision_overlap.json"), "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
