@@ -5,13 +5,14 @@
 At real size with dummy weights: one vision pass (two 1280x720 images: 2 views + 12 crops) and one decode
 step (CUDA-graph replay at `--batch` sequences of `--prompt` tokens) timed alone, then `--passes` vision passes
 and `--steps` decode steps queued together on two streams (each variant below), against running them one
-after the other. Also times the vision attention shapes with head_dim 96 against 128 (zero-padded).
+after the other. `--attention` also times the vision attention shapes with head_dim 96 against 128 (zero-padded).
 """
 
 import argparse
 import json
 import os
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -38,23 +39,22 @@ def timed(fn, reps: int, stream: torch.cuda.Stream | None = None) -> float:
 
 
 def together(vision, decode, passes: int, steps: int, vs: torch.cuda.Stream, ds: torch.cuda.Stream) -> dict:
-    """Queue `passes` vision passes on vs and `steps` decode steps on ds from one start; when each stream ends."""
+    """Queue `passes` vision passes on vs and `steps` decode steps on ds, interleaved on the host as an engine
+    would (a pass, then its share of steps), from one start; when each stream ends."""
     torch.cuda.synchronize()
     start = torch.cuda.Event(enable_timing=True)
     start.record()
-    ends = {}
-    for name, s in (("vision", vs), ("decode", ds)):
-        s.wait_event(start)
-    with torch.cuda.stream(vs):
-        for _ in range(passes):
+    vs.wait_event(start)
+    ds.wait_event(start)
+    ends = {"vision": torch.cuda.Event(enable_timing=True), "decode": torch.cuda.Event(enable_timing=True)}
+    for i in range(passes):
+        with torch.cuda.stream(vs):
             vision()
-        ends["vision"] = torch.cuda.Event(enable_timing=True)
-        ends["vision"].record()
-    with torch.cuda.stream(ds):
-        for _ in range(steps):
-            decode()
-        ends["decode"] = torch.cuda.Event(enable_timing=True)
-        ends["decode"].record()
+        with torch.cuda.stream(ds):
+            for _ in range(steps * (i + 1) // passes - steps * i // passes):
+                decode()
+    ends["vision"].record(vs)
+    ends["decode"].record(ds)
     torch.cuda.synchronize()
     return {k: round(start.elapsed_time(e), 1) for k, e in ends.items()}
 
@@ -91,9 +91,11 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=6)
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--green-sms", default="96,112,120", help="SMs for vision in a green context (0: skip)")
+    ap.add_argument("--attention", action="store_true", help="also time SDPA at the tower's shapes, d 96 vs 128")
     args = ap.parse_args()
     out: dict = {}
-    attention_shapes(out)
+    if args.attention:
+        attention_shapes(out)
     engine = Engine(EngineConfig(model=str(real_dummy_checkpoint("/tmp/step3-vl-10b-dummy")), load_format="dummy",
                                  context_length=8192))
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
@@ -115,17 +117,23 @@ def main() -> None:
 
     vision()
     out["vision_ms"] = timed(vision, 5)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    vision()
+    out["vision_enqueue_ms"] = round((time.perf_counter() - t) * 1e3, 2)  # host time to queue one pass
     out["decode_ms"] = timed(graph.replay, 30)
     serial = args.passes * out["vision_ms"] + args.steps * out["decode_ms"]
     out["serial_ms"] = round(serial, 1)
     print(json.dumps(out))
     variants = {"same priority": (torch.cuda.Stream(), torch.cuda.Stream()),
                 "decode high priority": (torch.cuda.Stream(priority=0), torch.cuda.Stream(priority=-1))}
+    keep = []  # a green context is destroyed with its Python object
     for sms in [int(s) for s in args.green_sms.split(",") if int(s)]:
         try:
             from torch.cuda.green_contexts import GreenContext
 
             gc = GreenContext.create(sms, 0)
+            keep.append(gc)
             if hasattr(gc, "Stream"):
                 vs = gc.Stream()
             else:  # torch 2.10's API: a stream made while the green context is current belongs to it
