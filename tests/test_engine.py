@@ -193,3 +193,14 @@ def test_vision_runs_in_bounded_passes(llm, monkeypatch):
     assert calls[0] == 4 and sum(calls[1:]) == 4 and len(calls) > 2
     for a, b in zip(whole, split, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("length", [7, 8])
+def test_positions_reach_the_model_16_byte_aligned(llm, monkeypatch, length):
+    """Triton specializes pointers on 16-byte alignment: positions of an odd token count must not shift it."""
+    model = llm.engine.runner.model
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda ids, pos, *a: seen.append(pos.data_ptr() % 16) or forward(ids, pos, *a))
+    llm.generate([{"prompt_token_ids": list(range(10, 10 + length))}], GREEDY, use_tqdm=False)
+    assert seen and set(seen) == {0}

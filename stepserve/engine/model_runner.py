@@ -141,8 +141,11 @@ class ModelRunner:
             return self._sample(batch.seqs, logits)
         ctx = build_context(batch.num_new, kv_lens, [s.pages for s in batch.seqs], self.page_size, self.device,
                             self.kv_scale)
-        tokens = torch.tensor(ids + positions, dtype=torch.int64).to(self.device, non_blocking=True)
-        input_ids, pos = tokens[: len(ids)], tokens[len(ids) :]
+        # Positions start 16-byte aligned whatever the token count: Triton specializes pointers on alignment, so
+        # an unaligned slice would build a second variant of each kernel reading them on some user's request.
+        pad = len(ids) % 2
+        tokens = torch.tensor(ids + [0] * pad + positions, dtype=torch.int64).to(self.device, non_blocking=True)
+        input_ids, pos = tokens[: len(ids)], tokens[len(ids) + pad :]
         if pending_at:
             at = torch.tensor(pending_at + pending_rows, dtype=torch.long).to(self.device, non_blocking=True)
             input_ids[at[: len(pending_at)]] = self.last_sampled[at[len(pending_at) :]]
