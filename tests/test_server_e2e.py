@@ -502,7 +502,7 @@ def test_metrics_after_traffic(real_server):
     assert delta("stepserve_prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
     assert delta("stepserve_generation_tokens_total") == sum(u["completion_tokens"] for u in usages)
     for hist in ("request_prepare_seconds", "time_to_first_token_seconds", "time_per_output_token_seconds",
-                 "e2e_request_latency_seconds"):
+                 "e2e_request_latency_seconds", "request_queue_seconds", "request_first_token_engine_seconds"):
         assert delta(f"stepserve_{hist}_count") == 2
         assert 0 < delta(f"stepserve_{hist}_sum") < 60
         assert m[f"stepserve_{hist}_bucket{{le=+Inf}}"] == m[f"stepserve_{hist}_count"]
@@ -510,6 +510,9 @@ def test_metrics_after_traffic(real_server):
     assert usages[1]["prompt_tokens_details"]["cached_tokens"] > 0
     # preparing a request (image decoding included) is part of its time to first token
     assert delta("stepserve_request_prepare_seconds_sum") < delta("stepserve_time_to_first_token_seconds_sum")
+    # arrival -> engine -> scheduled -> first token: the parts fit inside the time to first token
+    parts = ("request_prepare_seconds", "request_queue_seconds", "request_first_token_engine_seconds")
+    assert sum(delta(f"stepserve_{p}_sum") for p in parts) < delta("stepserve_time_to_first_token_seconds_sum")
     assert 0 < m["stepserve_prefix_cache_hit_rate"] <= 1 and 0 < m["stepserve_image_cache_hit_rate"] <= 1
     assert m["stepserve_num_running_reqs"] == 0 and m["stepserve_num_waiting_reqs"] == 0
     assert 0 <= m["stepserve_kv_cache_usage"] <= 1

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:  # the HTTP side imports no torch (the engine package does)
+    from stepserve.engine.outputs import RequestTimes
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
@@ -35,6 +38,11 @@ class Metrics:
         self.prepare = Histogram(p + "request_prepare_seconds", "arrival to the engine: body parsing, chat "
                                  "template, image decoding and preprocessing, tokenization", buckets=_LATENCY_BUCKETS,
                                  registry=r)
+        self.queue = Histogram(p + "request_queue_seconds", "in the engine, waiting to be scheduled",
+                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.first_step = Histogram(p + "request_first_token_engine_seconds", "first scheduled to the first token on "
+                                    "the engine's host side: vision tower, prefill, sampling", buckets=_LATENCY_BUCKETS,
+                                    registry=r)
         self.ttft = Histogram(p + "time_to_first_token_seconds", "arrival to the first output token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram(p + "time_per_output_token_seconds", "mean time between output tokens per request",
@@ -43,10 +51,15 @@ class Metrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self._gauges = {key: Gauge(p + name, doc, registry=r) for key, (name, doc) in _ENGINE_GAUGES.items()}
 
-    def observe_request(self, prompt_tokens: int, completion_tokens: int, ttft: float | None, e2e: float) -> None:
+    def observe_request(self, prompt_tokens: int, completion_tokens: int, ttft: float | None, e2e: float,
+                        times: RequestTimes | None = None) -> None:
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
         self.e2e.observe(e2e)
+        if times is not None and times.scheduled is not None:
+            self.queue.observe(times.scheduled - times.arrival)
+            if times.first_token is not None:
+                self.first_step.observe(times.first_token - times.scheduled)
         if ttft is not None:
             self.ttft.observe(ttft)
             if completion_tokens > 1:

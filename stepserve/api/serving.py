@@ -384,7 +384,7 @@ class _Generation:
     def _record(self) -> None:
         u = self.usage()
         self.serving.metrics.observe_request(u.prompt_tokens, u.completion_tokens, self.ttft,
-                                             time.monotonic() - self.t0)
+                                             time.monotonic() - self.t0, self.last.times)
 
 
 class _closing:

@@ -22,7 +22,7 @@ from stepserve.config import EngineConfig
 from stepserve.engine.detokenizer import DetokenizeState
 from stepserve.engine.kv_cache import PagePool
 from stepserve.engine.model_runner import ModelRunner
-from stepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from stepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestTimes
 from stepserve.engine.request import Sequence, cache_keys, image_spans
 from stepserve.engine.sampling_params import SamplingParams
 from stepserve.engine.scheduler import Scheduler
@@ -210,6 +210,10 @@ class Engine:
         batch = self.scheduler.schedule()
         launched = None
         if batch.seqs:
+            now = time.monotonic()
+            for seq in batch.seqs:
+                if seq.scheduled_at is None:
+                    seq.scheduled_at = now
             launched = self.runner.run(batch)
             self.scheduler.after_step(batch)
         previous, self.launched = self.launched, launched
@@ -234,6 +238,8 @@ class Engine:
         """Record a sampled token, detokenize it, and finish the sequence if a stop condition holds."""
         params = seq.params
         seq.output_ids.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
         lp = None
         if result.logprobs is not None and params.logprobs is not None:
             lp = Logprob(token, result.logprobs[j], (result.top_logprobs[j][: params.logprobs]
@@ -269,7 +275,8 @@ class Engine:
         first = seqs[0]
         out = RequestOutput(request_id, self.prompts[request_id], first.prompt_ids, outs,
                             num_cached_tokens=first.num_cached,
-                            num_image_tokens=sum(len(s.positions) for s in first.spans))
+                            num_image_tokens=sum(len(s.positions) for s in first.spans),
+                            times=RequestTimes(first.arrival, first.scheduled_at, first.first_token_at))
         if out.finished:
             del self.seqs[request_id], self.prompts[request_id]
             self.num_finished += 1

@@ -30,6 +30,15 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestTimes:
+    """time.monotonic() stamps of the request's first choice in the engine (None until reached)."""
+
+    arrival: float  # handed to the engine
+    scheduled: float | None  # first in a step (images encoded and prompt computed from here)
+    first_token: float | None  # its first token reached the engine's host side
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -37,6 +46,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
     num_image_tokens: int = 0
+    times: RequestTimes | None = None
 
     @property
     def finished(self) -> bool:
