@@ -23,6 +23,26 @@ from stepserve.loader import load_tokenizer
 HISTOGRAMS = ("time_to_first_token_seconds", "request_prepare_seconds", "request_first_token_engine_seconds")
 
 
+async def raw_ttft(port: int, payload: dict) -> float:
+    """The same request over a bare asyncio socket (TCP_NODELAY, one write): seconds to the first content chunk."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    start = time.perf_counter()
+    body = json.dumps(payload).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    writer.write(head + body)
+    await writer.drain()
+    try:
+        while line := await reader.readline():
+            if line.startswith(b"data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if (choices[0].get("delta") or {}).get("content"):
+                    return time.perf_counter() - start
+        raise RuntimeError("no content chunk")
+    finally:
+        writer.close()
+
+
 def sums(base: str) -> dict[str, float]:
     text = httpx.get(f"{base}/metrics").text
     return {h: float(re.search(rf"^stepserve_{h}_sum (\S+)$", text, re.M).group(1)) for h in HISTOGRAMS}
@@ -35,6 +55,7 @@ async def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=2)
+    ap.add_argument("--raw", action="store_true", help="send over a bare socket instead of the bench client (httpx)")
     args = ap.parse_args()
     base = f"http://127.0.0.1:{args.port}"
     model = args.model or httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
@@ -48,10 +69,13 @@ async def main() -> None:
             size = len(json.dumps(payload))
             dumps_ms = (time.perf_counter() - t) * 1e3
             before = sums(base)
-            rec = await send_request(client, f"{base}/v1/chat/completions", payload, True, args.output_len)
+            if args.raw:
+                ttft = await raw_ttft(args.port, payload)
+            else:
+                ttft = (await send_request(client, f"{base}/v1/chat/completions", payload, True, args.output_len)).ttft
             after = sums(base)
             d = {h: (after[h] - before[h]) * 1e3 for h in HISTOGRAMS}
-            row = {"client_ttft": rec.ttft * 1e3, "server_ttft": d["time_to_first_token_seconds"],
+            row = {"client_ttft": ttft * 1e3, "server_ttft": d["time_to_first_token_seconds"],
                    "prepare": d["request_prepare_seconds"], "engine": d["request_first_token_engine_seconds"],
                    "json_dumps": dumps_ms, "body_mb": size / 1e6}
             row["gap"] = row["client_ttft"] - row["server_ttft"]
