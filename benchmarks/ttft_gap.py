@@ -43,6 +43,31 @@ async def raw_ttft(port: int, payload: dict) -> float:
         writer.close()
 
 
+async def aiohttp_ttft(session, url: str, payload: dict) -> float:
+    """As SGLang's bench_serving sends it: aiohttp, json=payload, the response read line by line."""
+    start = time.perf_counter()
+    async with session.post(url, json=payload) as resp:
+        async for line in resp.content:
+            if line.startswith(b"data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if (choices[0].get("delta") or {}).get("content"):
+                    return time.perf_counter() - start
+    raise RuntimeError("no content chunk")
+
+
+async def httpx_bytes_ttft(client, url: str, payload: dict) -> float:
+    """The bench client's httpx, with the body serialized by us and passed as bytes."""
+    start = time.perf_counter()
+    body = json.dumps(payload).encode()
+    async with client.stream("POST", url, content=body, headers={"Content-Type": "application/json"}) as resp:
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if (choices[0].get("delta") or {}).get("content"):
+                    return time.perf_counter() - start
+    raise RuntimeError("no content chunk")
+
+
 def sums(base: str) -> dict[str, float]:
     text = httpx.get(f"{base}/metrics").text
     return {h: float(re.search(rf"^stepserve_{h}_sum (\S+)$", text, re.M).group(1)) for h in HISTOGRAMS}
@@ -55,7 +80,8 @@ async def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=2)
-    ap.add_argument("--raw", action="store_true", help="send over a bare socket instead of the bench client (httpx)")
+    ap.add_argument("--client", default="bench", choices=["bench", "raw", "aiohttp", "httpx-bytes"],
+                    help="bench: stepserve's bench client; raw: a bare socket; aiohttp: as SGLang's client")
     args = ap.parse_args()
     base = f"http://127.0.0.1:{args.port}"
     model = args.model or httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
@@ -69,8 +95,16 @@ async def main() -> None:
             size = len(json.dumps(payload))
             dumps_ms = (time.perf_counter() - t) * 1e3
             before = sums(base)
-            if args.raw:
+            url = f"{base}/v1/chat/completions"
+            if args.client == "raw":
                 ttft = await raw_ttft(args.port, payload)
+            elif args.client == "aiohttp":
+                import aiohttp
+
+                async with aiohttp.ClientSession() as session:
+                    ttft = await aiohttp_ttft(session, url, payload)
+            elif args.client == "httpx-bytes":
+                ttft = await httpx_bytes_ttft(client, url, payload)
             else:
                 ttft = (await send_request(client, f"{base}/v1/chat/completions", payload, True, args.output_len)).ttft
             after = sums(base)
