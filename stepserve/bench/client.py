@@ -1,4 +1,9 @@
-"""The benchmark's HTTP side: OpenAI request bodies, and one streamed request timed chunk by chunk."""
+"""The benchmark's HTTP side: OpenAI request bodies, and one streamed request timed chunk by chunk.
+
+Requests go out through aiohttp, as SGLang's bench_serving sends them: measured on the lent GPU host, httpx's
+async client added ~34 ms to the TTFT of a seed request (1.9 MB of images in the body) where aiohttp adds ~8
+and a bare socket ~7 (`benchmarks/ttft_gap.py --client`), so the benchmark timed its own client, not the server.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import time
 import traceback
 from typing import Any
 
+import aiohttp
 import httpx
 
 from stepserve.bench.metrics import RequestRecord
@@ -33,10 +39,10 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def make_async_client() -> httpx.AsyncClient:
+def make_async_client() -> aiohttp.ClientSession:
     # No pool limit: a capped pool would queue requests client-side and inflate TTFT at high concurrency.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    return httpx.AsyncClient(timeout=httpx.Timeout(6 * 3600.0), limits=limits, headers=auth_headers())
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=auth_headers(),
+                                 timeout=aiohttp.ClientTimeout(total=6 * 3600), read_bufsize=1 << 20)
 
 
 def fetch_model_id(base_url: str) -> str | None:
@@ -90,7 +96,7 @@ def _chunk_text(data: dict[str, Any], chat: bool) -> str:
     return (part.get("reasoning_content") or "") + (part.get("content") or "")
 
 
-async def send_request(client: httpx.AsyncClient, url: str, payload: dict[str, Any], chat: bool,
+async def send_request(client: aiohttp.ClientSession, url: str, payload: dict[str, Any], chat: bool,
                        default_output_len: int) -> RequestRecord:
     """POST one request and record its timing; never raises (failures come back with `error` set).
 
@@ -102,20 +108,20 @@ async def send_request(client: httpx.AsyncClient, url: str, payload: dict[str, A
     start = rec.start_time = time.perf_counter()
     last = start
     try:
-        async with client.stream("POST", url, json=payload) as resp:
-            if resp.status_code != 200:
-                body = (await resp.aread()).decode(errors="replace")
-                rec.error = f"HTTP {resp.status_code}: {body}"
+        async with client.post(url, json=payload) as resp:
+            if resp.status != 200:
+                body = (await resp.read()).decode(errors="replace")
+                rec.error = f"HTTP {resp.status}: {body}"
                 return rec
             if not payload.get("stream"):
-                data = json.loads(await resp.aread())
+                data = json.loads(await resp.read())
                 rec.latency = rec.ttft = time.perf_counter() - start
                 _take_usage(rec, data)
                 rec.generated_text = _chunk_text(data, chat)
                 rec.success = True
                 return rec
-            async for line in resp.aiter_lines():
-                line = line.strip()
+            async for raw_line in resp.content:
+                line = raw_line.decode().strip()
                 if not line:
                     continue
                 now = time.perf_counter()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 from PIL import Image
 from tqdm import tqdm
 
@@ -165,13 +165,13 @@ def request_body(sample: Sample, model: str, args: argparse.Namespace, extra: di
             "temperature": args.temperature, "max_tokens": args.max_new_tokens, **extra}
 
 
-async def ask(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> str | None:
+async def ask(client: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> str | None:
     """The reply text (its reasoning when there is no content), None if the request failed."""
     try:
-        resp = await client.post(url, json=body)
-        resp.raise_for_status()
-        message = resp.json()["choices"][0]["message"]
-    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+        async with client.post(url, json=body) as resp:
+            resp.raise_for_status()
+            message = (await resp.json())["choices"][0]["message"]
+    except (aiohttp.ClientError, KeyError, IndexError, ValueError) as exc:
         print(f"request failed: {exc!r}")
         return None
     content = message.get("content")
