@@ -130,7 +130,6 @@ def build_model():
     with torch.device("cuda"):
         model = Step3VL10BForCausalLM(config, torch.bfloat16).eval()
     init_dummy_weights(model)
-    model.finish_loading()  # as the loader does
     return model, config
 
 

@@ -211,8 +211,6 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str, device: torch.de
         init_dummy_weights(model, seed)
     else:
         load_safetensors(model, model_dir)
-    if hasattr(model, "finish_loading"):  # weight transforms that need every weight in place
-        model.finish_loading()
     n_params = sum(p.numel() for p in model.parameters())
     log.info("loaded %s (%.2f B params, %s, %s, %s weights) in %.1f s", model_dir, n_params / 1e9, dtype,
              device, "dummy" if load_format == "dummy" else "checkpoint", time.perf_counter() - start)

@@ -24,7 +24,6 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stepserve.layers.activation import quick_gelu
-from stepserve.layers.linear import Linear
 from stepserve.layers.quant import Fp8Config, make_linear
 from stepserve.models.configs import VisionConfig
 
@@ -130,11 +129,11 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: torch.Tensor,
                 cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-        """The heads' output [tokens, width], before out_proj (which the block applies with its residual add)."""
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(x.shape[0], 3, self.heads, self.head_dim)
         q, k, v = qkv.unbind(1)
-        return vision_attention(apply_rope2d(q, cos, sin), apply_rope2d(k, cos, sin), v, groups, cu_seqlens,
-                                self.backend)
+        o = vision_attention(apply_rope2d(q, cos, sin), apply_rope2d(k, cos, sin), v, groups, cu_seqlens,
+                             self.backend)
+        return self.out_proj(o)
 
 
 class LayerScale(nn.Module):
@@ -153,8 +152,7 @@ class VisionMLP(nn.Module):
         self.c_proj = make_linear(quant, f"{prefix}.c_proj", cfg.mlp_dim, cfg.width, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """quick_gelu(c_fc(x)), before c_proj (which the block applies with its residual add)."""
-        return quick_gelu(self.c_fc(x))
+        return self.c_proj(quick_gelu(self.c_fc(x)))
 
 
 class VisionBlock(nn.Module):
@@ -166,48 +164,15 @@ class VisionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = VisionMLP(cfg, quant, f"{prefix}.mlp")
         self.ls_2 = LayerScale(cfg.width)
-        self.folded = False
 
-    def fold_layer_scales(self) -> None:
-        """Scale out_proj's and c_proj's rows by their layer scales and set the scales to 1: the same function, but
-        each residual add can then happen in its GEMM (`_add`). Block-fp8 linears keep their layer scales (a
-        scale per 128x128 block cannot take a factor per row)."""
-        pairs = ((self.ls_1, self.attn.out_proj), (self.ls_2, self.mlp.c_proj))
-        if not all(isinstance(linear, Linear) and linear.bias is not None for _, linear in pairs):
-            return
-        with torch.no_grad():
-            for ls, linear in pairs:
-                linear.weight.mul_(ls.gamma[:, None])
-                linear.bias.mul_(ls.gamma)
-                ls.gamma.fill_(1.0)
-        self.folded = True
-
-    def forward(self, x: torch.Tensor, shift: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                groups: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual stream is x + shift: x [tokens, width] in the model's dtype, shift [width] float32.
-
-        With folded layer scales, out_proj and c_proj add their products to x inside the GEMM and their biases to
-        shift, so between GEMMs a block reads x once for each norm, instead of reading the GEMM output and x and
-        writing both the sum and the norm. cos/sin [tokens, 1, head_dim / 2]; groups/cu_seqlens: see
-        `vision_attention`."""
-        x, shift = self._add(x, shift, self.ls_1, self.attn.out_proj,
-                             self.attn(self._norm(self.ln_1, x, shift), cos, sin, groups, cu_seqlens))
-        return self._add(x, shift, self.ls_2, self.mlp.c_proj, self.mlp(self._norm(self.ln_2, x, shift)))
-
-    @staticmethod
-    def _norm(ln: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float() + shift, ln.normalized_shape, ln.weight.float(), ln.bias.float(),
-                            ln.eps).to(x.dtype)
-
-    def _add(self, x: torch.Tensor, shift: torch.Tensor, ls: LayerScale, linear: nn.Module,
-             h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stream plus ls(linear(h))."""
-        if self.folded:
-            return torch.addmm(x, h, linear.weight.t()), shift + linear.bias.float()
-        return x + ls(linear(h)), shift
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: torch.Tensor,
+                cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """x [tokens, width]; cos/sin [tokens, 1, head_dim / 2]; groups/cu_seqlens: see `vision_attention`."""
+        x = x + self.ls_1(self.attn(self.ln_1(x), cos, sin, groups, cu_seqlens))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
-def _run_block(block: VisionBlock, *args) -> tuple[torch.Tensor, torch.Tensor]:
+def _run_block(block: VisionBlock, *args) -> torch.Tensor:
     # Compiled with the block as an argument, all 47 blocks share one graph (their weights are its inputs).
     return block(*args)
 
@@ -241,11 +206,6 @@ class PerceptionEncoder(nn.Module):
         for conv in (self.vit_downsampler1, self.vit_downsampler2):
             conv.weight.data = conv.weight.data.contiguous(memory_format=fmt)
         self._compiled_block = None
-
-    def fold_layer_scales(self) -> None:
-        """After the weights are loaded: see `VisionBlock.fold_layer_scales`."""
-        for block in self.transformer.resblocks:
-            block.fold_layer_scales()
 
     def compile_blocks(self, backend: str = "inductor") -> None:
         """Fuse each block's pointwise work (2D rope, quick-GELU, layer scale, norms) with torch.compile.
@@ -288,10 +248,9 @@ class PerceptionEncoder(nn.Module):
             offsets = itertools.accumulate((g * g for b, g in seqs for _ in range(b)), initial=0)
             cu_seqlens = torch.tensor(list(offsets), dtype=torch.int32).to(x.device, non_blocking=True)
         run = self._compiled_block or _run_block
-        shift = torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)
         for block in self.transformer.resblocks:
-            x, shift = run(block, x, shift, cos, sin, groups, cu_seqlens)
-        return (x.float() + shift).to(x.dtype)
+            x = run(block, x, cos, sin, groups, cu_seqlens)
+        return x
 
     def _downsample(self, x: torch.Tensor, b: int, g: int) -> torch.Tensor:
         """[b * g * g, width] -> [b, (g / 4)^2, 4 * width]."""

@@ -26,10 +26,6 @@ class Step3VL10BForCausalLM(Qwen3ForCausalLM):
             self.vit_large_projector = make_linear(quant, "vit_large_projector", config.vision.output_dim,
                                                    config.text.hidden_size)
 
-    def finish_loading(self) -> None:
-        """Called by the loader once every weight is in place."""
-        self.vision_model.fold_layer_scales()
-
     def get_input_embeddings(self, input_ids: torch.Tensor, mm_embeds: torch.Tensor | None = None,
                              mm_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings [T, H] with the rows where `mm_mask` is True replaced by `mm_embeds`, in order."""
