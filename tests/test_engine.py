@@ -204,3 +204,14 @@ def test_positions_reach_the_model_16_byte_aligned(llm, monkeypatch, length):
     monkeypatch.setattr(model, "forward", lambda ids, pos, *a: seen.append(pos.data_ptr() % 16) or forward(ids, pos, *a))
     llm.generate([{"prompt_token_ids": list(range(10, 10 + length))}], GREEDY, use_tqdm=False)
     assert seen and set(seen) == {0}
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5])
+def test_attention_metadata_16_byte_aligned_at_any_batch_size(batch):
+    from stepserve.layers.attention import build_context
+
+    ctx = build_context([3] * batch, [7] * batch, [[0, 1]] * batch, page_size=4)
+    for name in ("cu_q_lens", "kv_lens", "block_tables", "slot_mapping"):
+        assert getattr(ctx, name).data_ptr() % 16 == 0, name
+    assert ctx.kv_lens.tolist() == [7] * batch and ctx.cu_q_lens.tolist() == [3 * i for i in range(batch + 1)]
+    assert ctx.block_tables.tolist() == [[0, 1]] * batch

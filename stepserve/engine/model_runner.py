@@ -14,7 +14,7 @@ from stepserve.engine.cuda_graph import DecodeGraphs
 from stepserve.engine.request import Sequence
 from stepserve.engine.sampling import Sampler, SamplingBatch, mask_padded_vocab
 from stepserve.engine.scheduler import ScheduledBatch
-from stepserve.layers.attention import build_context, forward_context, slot_of
+from stepserve.layers.attention import build_context, forward_context, slot_of, to_device_aligned
 from stepserve.multimodal.encoder_cache import EncoderCache
 from stepserve.multimodal.processor import ImageInput, pixel_inputs
 
@@ -141,11 +141,7 @@ class ModelRunner:
             return self._sample(batch.seqs, logits)
         ctx = build_context(batch.num_new, kv_lens, [s.pages for s in batch.seqs], self.page_size, self.device,
                             self.kv_scale)
-        # Positions start 16-byte aligned whatever the token count: Triton specializes pointers on alignment, so
-        # an unaligned slice would build a second variant of each kernel reading them on some user's request.
-        pad = len(ids) % 2
-        tokens = torch.tensor(ids + [0] * pad + positions, dtype=torch.int64).to(self.device, non_blocking=True)
-        input_ids, pos = tokens[: len(ids)], tokens[len(ids) + pad :]
+        input_ids, pos = to_device_aligned([ids, positions], torch.int64, self.device)
         if pending_at:
             at = torch.tensor(pending_at + pending_rows, dtype=torch.long).to(self.device, non_blocking=True)
             input_ids[at[: len(pending_at)]] = self.last_sampled[at[len(pending_at) :]]

@@ -27,7 +27,7 @@ def watch_compiles(enable: bool = True) -> None:
     def after(*, key, repr, **_) -> None:
         took = time.perf_counter() - started.pop(key, time.perf_counter())
         log.warning("built a Triton kernel after start-up in %.2f s (a specialization the warm-up did not "
-                    "cover): %s", took, repr)
+                    "cover): %s", took, " ".join(str(repr).split()))  # one line, whatever the signature holds
 
     triton.knobs.runtime.jit_cache_hook = before if enable else None
     triton.knobs.runtime.jit_post_compile_hook = after if enable else None

@@ -69,6 +69,23 @@ def slot_of(pages: list[int], position: int, page_size: int) -> int:
     return pages[position // page_size] * page_size + position % page_size
 
 
+def to_device_aligned(parts: list[list[int]], dtype: torch.dtype, device: torch.device | str) -> list[torch.Tensor]:
+    """The lists as 1-D tensors on `device`, from one buffer in one copy, each starting 16-byte aligned.
+
+    Triton specializes pointer arguments on 16-byte alignment: a slice whose start moved with the batch size or
+    token count would build another variant of each kernel reading it, on some user's request (measured: 0.45 s
+    for the rotary kernel, 1.35 s for the extend kernel)."""
+    per = 16 // torch.empty((), dtype=dtype).element_size()
+    flat: list[int] = []
+    starts = []
+    for part in parts:
+        starts.append(len(flat))
+        flat.extend(part)
+        flat.extend([0] * (-len(flat) % per))
+    buf = torch.tensor(flat, dtype=dtype).to(device, non_blocking=True)
+    return [buf[s : s + len(p)] for s, p in zip(starts, parts)]
+
+
 def build_context(q_lens: list[int], kv_lens: list[int], block_tables: list[list[int]], page_size: int,
                   device: torch.device | str = "cpu", kv_scale: float = 1.0) -> ForwardContext:
     """Context for sequences whose last `q_lens[i]` of `kv_lens[i]` tokens are new this step.
@@ -86,11 +103,11 @@ def build_context(q_lens: list[int], kv_lens: list[int], block_tables: list[list
     cu = [0]
     for q in q_lens:
         cu.append(cu[-1] + q)
-    small = torch.tensor(cu + list(kv_lens) + table, dtype=torch.int32).to(device, non_blocking=True)
+    cu_q_lens, kv, tables = to_device_aligned([cu, list(kv_lens), table], torch.int32, device)
     return ForwardContext(
-        cu_q_lens=small[: b + 1],
-        kv_lens=small[b + 1 : 2 * b + 1],
-        block_tables=small[2 * b + 1 :].view(b, width),
+        cu_q_lens=cu_q_lens,
+        kv_lens=kv,
+        block_tables=tables.view(b, width),
         slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
         max_q_len=max(q_lens, default=0),
         max_kv_len=max(kv_lens, default=0),
