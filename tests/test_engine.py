@@ -215,3 +215,44 @@ def test_attention_metadata_16_byte_aligned_at_any_batch_size(batch):
         assert getattr(ctx, name).data_ptr() % 16 == 0, name
     assert ctx.kv_lens.tolist() == [7] * batch and ctx.cu_q_lens.tolist() == [3 * i for i in range(batch + 1)]
     assert ctx.block_tables.tolist() == [[0, 1]] * batch
+
+
+def test_a_failed_step_fails_the_requests_in_flight_and_the_engine_goes_on(monkeypatch):
+    """A step that raises ends every request in flight with the error, and later requests run on a clean engine."""
+    import asyncio
+
+    from stepserve.engine.engine import AsyncEngine
+
+    engine = LLM(dtype="float32").engine
+    run = engine.runner.run
+    failed = []
+
+    def flaky(batch):
+        if len(batch.seqs) == 2 and not failed:
+            failed.append(True)
+            raise RuntimeError("boom")
+        return run(batch)
+
+    monkeypatch.setattr(engine.runner, "run", flaky)
+    front = AsyncEngine(engine)
+
+    async def one(rid: str) -> str:
+        try:
+            async for out in front.generate(list(range(10, 30)), [], GREEDY, rid):
+                pass
+            return f"{len(out.outputs[0].token_ids)} tokens"
+        except RuntimeError as e:
+            return str(e)
+
+    async def main():
+        await front.start()
+        try:
+            first = await asyncio.wait_for(asyncio.gather(one("a"), one("b")), 60)
+            return first, await asyncio.wait_for(one("c"), 60)
+        finally:
+            await front.shutdown()
+
+    (a, b), c = asyncio.run(main())
+    assert failed and a == b == "engine step failed: boom"
+    assert c == f"{GREEDY.max_tokens} tokens"
+    assert engine.pool.num_available == engine.pool.num_pages and not engine.seqs

@@ -87,7 +87,7 @@ class Engine:
             log.warning("context length %d capped to the KV pool's %d tokens", self.context_length, pool_tokens)
             self.context_length = pool_tokens
         self.runner.capture_graphs(self.context_length)
-        self._reset_state()
+        self.reset()
         if self.device.type == "cuda":
             self.warm_up()
             from stepserve.kernels.compile_log import watch_compiles
@@ -96,7 +96,7 @@ class Engine:
         log.info("engine ready in %.1fs: %s on %s (%s), context %d, %d KV pages", time.perf_counter() - start,
                  self.model_name, self.device, self.dtype, self.context_length, self.runner.num_pages)
 
-    def _reset_state(self) -> None:
+    def reset(self) -> None:
         """Empty KV pool and prefix cache, queues, encoder cache and counters: a new engine's state."""
         c = self.config
         self.pool = PagePool(self.runner.num_pages, c.page_size, not c.disable_radix_cache)
@@ -110,7 +110,7 @@ class Engine:
         self.runner.num_encoded_images = 0
 
     def warm_up(self) -> None:
-        """Serve two synthetic requests shaped like a user's, then forget them (`_reset_state`).
+        """Serve two synthetic requests shaped like a user's, then forget them (`reset`).
 
         Whatever is built on first use (Triton kernels, the vision compile for a real image's crop count, cuBLAS
         and cuDNN heuristics, sampler kernels, pinned staging memory) is built here, at start-up, instead of in the
@@ -134,7 +134,7 @@ class Engine:
             while self.has_work():
                 self.step()
             shapes.append(f"{len(ids)} tokens with {len(images)} image(s)")
-        self._reset_state()
+        self.reset()
         log.info("warm-up: requests of %s, %d output tokens each, in %.2f s", " and ".join(shapes), WARMUP_TOKENS,
                  time.perf_counter() - start)
 
@@ -385,6 +385,13 @@ class AsyncEngine:
                 if out is not None:  # a consumer still listening (not a disconnect) gets the final output
                     self._deliver(cmd[1], out)
 
+    def _fail_all(self, error: Exception) -> None:
+        """Every request in flight gets `error`, and the engine starts over empty: the failed step may have left
+        its pages, queues and pending tokens half-updated, which no later request should inherit."""
+        for rid in list(self.engine.seqs):
+            self._deliver(rid, error)
+        self.engine.reset()
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._drain(block=not self.engine.has_work())
@@ -392,11 +399,9 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - the engine thread must outlive any one step
                 log.exception("engine step failed; failing the requests in flight")
-                for rid in list(self.engine.seqs):
-                    self.engine.abort(rid)
-                    self._deliver(rid, RuntimeError(f"engine step failed: {e}"))
+                self._fail_all(RuntimeError(f"engine step failed: {e}"))
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)
