@@ -1,7 +1,7 @@
 """How much of a streamed request's TTFT, as the benchmark client sees it, the server sees: seed requests sent
 one at a time, each timed by the bench client and by the server's own histograms (read from /metrics around it).
 
-    python benchmarks/ttft_gap.py --port 30000 --tokenizer DIR [--model NAME] [--requests 8]
+    python benchmarks/ttft_gap.py --port 30000 --tokenizer DIR [--model NAME] [--requests 8] [--client bench|raw]
 
 Per request: client TTFT (bench_serving's timer: before the body is serialized -> first content chunk), server
 TTFT (arrival -> first output), their gap, and the server's prepare / engine-first-token parts.
@@ -23,8 +23,9 @@ from stepserve.loader import load_tokenizer
 HISTOGRAMS = ("time_to_first_token_seconds", "request_prepare_seconds", "request_first_token_engine_seconds")
 
 
-async def raw_ttft(port: int, payload: dict) -> float:
-    """The same request over a bare asyncio socket (TCP_NODELAY, one write): seconds to the first content chunk."""
+async def raw_ttft(port: int, payload: dict) -> float | None:
+    """The same request over a bare asyncio socket (TCP_NODELAY, one write): seconds to the first content chunk.
+    Reads to the end, so the server has recorded the request when we look."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     start = time.perf_counter()
     body = json.dumps(payload).encode()
@@ -32,41 +33,15 @@ async def raw_ttft(port: int, payload: dict) -> float:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     writer.write(head + body)
     await writer.drain()
+    ttft = None
     try:
         while line := await reader.readline():
-            if line.startswith(b"data: {"):
-                choices = json.loads(line[6:]).get("choices") or [{}]
-                if (choices[0].get("delta") or {}).get("content"):
-                    return time.perf_counter() - start
-        raise RuntimeError("no content chunk")
-    finally:
-        writer.close()
-
-
-async def aiohttp_ttft(session, url: str, payload: dict) -> float:
-    """As SGLang's bench_serving sends it: aiohttp, json=payload, the response read line by line."""
-    start = time.perf_counter()
-    ttft = None
-    async with session.post(url, json=payload) as resp:
-        async for line in resp.content:  # to the end, so the server has recorded the request when we look
             if ttft is None and line.startswith(b"data: {"):
                 choices = json.loads(line[6:]).get("choices") or [{}]
                 if (choices[0].get("delta") or {}).get("content"):
                     ttft = time.perf_counter() - start
-    return ttft
-
-
-async def httpx_bytes_ttft(client, url: str, payload: dict) -> float:
-    """The bench client's httpx, with the body serialized by us and passed as bytes."""
-    start = time.perf_counter()
-    body = json.dumps(payload).encode()
-    ttft = None
-    async with client.stream("POST", url, content=body, headers={"Content-Type": "application/json"}) as resp:
-        async for line in resp.aiter_lines():
-            if ttft is None and line.startswith("data: {"):
-                choices = json.loads(line[6:]).get("choices") or [{}]
-                if (choices[0].get("delta") or {}).get("content"):
-                    ttft = time.perf_counter() - start
+    finally:
+        writer.close()
     return ttft
 
 
@@ -83,8 +58,8 @@ async def main() -> None:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0, help="of the random images (a new seed: nothing cached)")
     ap.add_argument("--output-len", type=int, default=2)
-    ap.add_argument("--client", default="bench", choices=["bench", "raw", "aiohttp", "httpx-bytes"],
-                    help="bench: stepserve's bench client; raw: a bare socket; aiohttp: as SGLang's client")
+    ap.add_argument("--client", default="bench", choices=["bench", "raw"],
+                    help="bench: the serving benchmark's client (aiohttp, as SGLang's); raw: a bare socket")
     args = ap.parse_args()
     base = f"http://127.0.0.1:{args.port}"
     model = args.model or httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
@@ -98,16 +73,8 @@ async def main() -> None:
             size = len(json.dumps(payload))
             dumps_ms = (time.perf_counter() - t) * 1e3
             before = sums(base)
-            url = f"{base}/v1/chat/completions"
             if args.client == "raw":
                 ttft = await raw_ttft(args.port, payload)
-            elif args.client == "aiohttp":
-                import aiohttp
-
-                async with aiohttp.ClientSession() as session:
-                    ttft = await aiohttp_ttft(session, url, payload)
-            elif args.client == "httpx-bytes":
-                ttft = await httpx_bytes_ttft(client, url, payload)
             else:
                 ttft = (await send_request(client, f"{base}/v1/chat/completions", payload, True, args.output_len)).ttft
             after = sums(base)
