@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from cuda_timing import median_ms
+
 from stepserve.config import EngineConfig
 from stepserve.engine.engine import Engine
 from stepserve.engine.sampling_params import SamplingParams
@@ -25,16 +27,7 @@ from stepserve.testing import real_dummy_checkpoint
 def replay_ms(engine: Engine, bs: int) -> float:
     graphs = engine.runner.graphs
     padded = next(s for s in graphs.sizes if s >= bs)
-    g = graphs.graphs[padded]
-    times = []
-    for _ in range(50):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(graphs.graphs[padded].replay, 50)
 
 
 def kernel_table(engine: Engine, bs: int, replays: int = 10, top: int = 25) -> list[dict]:

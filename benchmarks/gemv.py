@@ -19,12 +19,13 @@ import argparse
 import json
 import math
 import os
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 import triton
+
+from cuda_timing import median_ms
 
 from stepserve.kernels.activation import silu_and_mul
 from stepserve.kernels.gemv import FMA_K_PER_WARP, default_config, linear_small_m, linear_small_m_reference
@@ -68,15 +69,7 @@ def weight_sets(N: int, K: int, fp8: bool) -> list[tuple[torch.Tensor, torch.Ten
 
 def replay_ms(graph: torch.cuda.CUDAGraph) -> float:
     """Median over REPLAYS of one replay of `graph`, in ms (CUDA events)."""
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(graph.replay, REPLAYS)
 
 def graph_us(fn, x: torch.Tensor, sets: list) -> float:
     """Median per-call time of a CUDA graph of fn(x, set) calls cycling over the weight sets."""

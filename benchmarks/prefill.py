@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
+
+from cuda_timing import median_ms
 
 from stepserve.kernels import install_triton_kernels
 from stepserve.layers.attention import build_context, forward_context
@@ -86,18 +87,6 @@ def step(model: Qwen3ForCausalLM, ids, positions, ctx, last) -> torch.Tensor:
     return model.compute_logits(hidden[last])
 
 
-def time_ms(fn, reps: int = 10) -> float:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=DEFAULT_CASES)
@@ -116,7 +105,7 @@ def main() -> None:
             run = lambda: step(model, *inputs)  # noqa: E731
             for _ in range(2):
                 run()
-            ms = time_ms(run)
+            ms = median_ms(run, 10)
             linear, attention = flops(cfg, seqs)
             tokens = sum(new for new, _ in seqs)
             rows.append({"case": case, "tokens": tokens, "ms": ms, "tokens_per_s": tokens / ms * 1e3,

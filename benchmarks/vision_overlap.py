@@ -11,31 +11,17 @@ after the other. `--attention` also times the vision attention shapes with head_
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from cuda_timing import median_ms
+
 from stepserve.config import EngineConfig
 from stepserve.engine.engine import Engine
 from stepserve.engine.sampling_params import SamplingParams
 from stepserve.testing import real_dummy_checkpoint
-
-
-def timed(fn, reps: int, stream: torch.cuda.Stream | None = None) -> float:
-    """Median ms of fn() over reps runs (events on `stream`)."""
-    stream = stream or torch.cuda.current_stream()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(stream):
-            a.record()
-            fn()
-            b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def together(vision, decode, passes: int, steps: int, vs: torch.cuda.Stream, ds: torch.cuda.Stream) -> dict:
@@ -76,7 +62,7 @@ def attention_shapes(out: dict) -> None:
                                     ("d128 padded flash", padded, SDPBackend.FLASH_ATTENTION)):
             try:
                 with sdpa_kernel(backend):
-                    ms = timed(lambda: F.scaled_dot_product_attention(*args, scale=96 ** -0.5), 20)
+                    ms = median_ms(lambda: F.scaled_dot_product_attention(*args, scale=96 ** -0.5), 20)
             except RuntimeError as e:
                 print(f"{count}x{length} {name}: {str(e)[:80]}")
                 continue
@@ -116,12 +102,12 @@ def main() -> None:
         model.encode_images(pixels, crops, [6, 6])
 
     vision()
-    out["vision_ms"] = timed(vision, 5)
+    out["vision_ms"] = median_ms(vision, 5)
     torch.cuda.synchronize()
     t = time.perf_counter()
     vision()
     out["vision_enqueue_ms"] = round((time.perf_counter() - t) * 1e3, 2)  # host time to queue one pass
-    out["decode_ms"] = timed(graph.replay, 30)
+    out["decode_ms"] = median_ms(graph.replay, 30)
     serial = args.passes * out["vision_ms"] + args.steps * out["decode_ms"]
     out["serial_ms"] = round(serial, 1)
     print(json.dumps(out))

@@ -23,10 +23,11 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import time
 
 import torch
+
+from cuda_timing import median_ms
 
 from stepserve.loader import init_dummy_weights
 from stepserve.models.configs import Step3VLConfig
@@ -75,15 +76,7 @@ def encode(model, inputs) -> list[torch.Tensor]:
 
 
 def time_ms(model, inputs, reps: int = 7) -> float:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        encode(model, inputs)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(lambda: encode(model, inputs), reps)
 
 
 def bucket(kernel: str) -> str:

@@ -210,10 +210,6 @@ class Engine:
         batch = self.scheduler.schedule()
         launched = None
         if batch.seqs:
-            now = time.monotonic()
-            for seq in batch.seqs:
-                if seq.scheduled_at is None:
-                    seq.scheduled_at = now
             launched = self.runner.run(batch)
             self.scheduler.after_step(batch)
         previous, self.launched = self.launched, launched

@@ -9,6 +9,7 @@ but never fails it.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -99,6 +100,8 @@ class Scheduler:
             self.pool.record_lookup(cached, seq.num_tokens)
             self.waiting.popleft()
             seq.status = Status.RUNNING
+            if seq.scheduled_at is None:  # first admission (a preempted sequence comes back later)
+                seq.scheduled_at = time.monotonic()
             self.running.append(seq)
             budget -= took
         return batch
