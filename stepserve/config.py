@@ -28,6 +28,9 @@ class EngineConfig:
     max_running_requests: int = field(default=256, metadata={"help": "sequences decoded together at most"})
     chunked_prefill_size: int = field(default=8192, metadata={"help": "prefill tokens per step; <=0 disables chunking"})
     max_prefill_tokens: int = field(default=16384, metadata={"help": "tokens per step at most (prefill + decode)"})
+    max_image_tokens_per_step: int = field(default=2048, metadata={
+        "help": "image feature rows a step may start to encode (a 1280x720 image has 655; the step's first image "
+                "always may; 0: no cap): caps how long the vision tower stalls decoding"})
     disable_radix_cache: bool = field(default=False, metadata={"help": "turn the prefix cache off"})
     encoder_cache_size: int = field(default=64, metadata={"help": "images whose vision embeddings stay cached"})
     cuda_graph_max_bs: int = field(default=256, metadata={"help": "largest decode batch captured in a CUDA graph"})

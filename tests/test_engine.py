@@ -60,6 +60,7 @@ def test_batched_equals_alone(llm):
     dict(disable_radix_cache=True, chunked_prefill_size=0),
     dict(chunked_prefill_size=37, max_prefill_tokens=64),
     dict(num_kv_pages=96, page_size=16, max_running_requests=16, context_length=1536),  # forces preemption
+    dict(max_image_tokens_per_step=0),  # no cap on the vision work of a step
 ])
 def test_same_outputs_across_engine_settings(llm, kwargs):
     prompts = make_prompts(24)
@@ -72,6 +73,19 @@ def test_same_outputs_across_engine_settings(llm, kwargs):
     assert stats["num_kv_pages_free"] == stats["num_kv_pages_total"]
     if "num_kv_pages" in kwargs:
         assert stats["num_preemptions"] > 0
+
+
+def test_vision_budget_spreads_images_over_steps(llm):
+    """A burst of image requests encodes at most the budget's rows per step (or one image), same outputs."""
+    prompts = make_prompts(24)
+    want = token_ids(llm.generate(prompts, GREEDY, use_tqdm=False))
+    capped = LLM(dtype="float32", chunked_prefill_size=0, max_image_tokens_per_step=200)
+    steps = []
+    encode = capped.engine.runner.encode
+    capped.engine.runner.encode = lambda images: steps.append([im.num_feature_rows for im in images]) or encode(images)
+    assert token_ids(capped.generate(prompts, GREEDY, use_tqdm=False)) == want
+    assert sum(map(len, steps)) == 3  # three distinct pictures, each encoded once
+    assert len(steps) > 1 and all(sum(rows) <= 200 or len(rows) == 1 for rows in steps)
 
 
 def test_same_image_reuses_prefix_and_encoder_cache():

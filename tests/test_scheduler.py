@@ -131,3 +131,64 @@ def test_finish_while_waiting_or_prefilling_frees_pages():
     assert not sched.has_work()
     pool.check_invariants()
     assert pool.num_available == 10
+
+
+def image_seq(image_hash: str, rows: int = 3) -> Sequence:
+    """Text, one image's feature rows, text."""
+    ids = [1] + [9] * rows + [2]
+    return Sequence("r", 0, ids, SamplingParams(max_tokens=2), seed=0,
+                    spans=[ImageSpan(FakeImage(image_hash, rows), list(range(1, rows + 1)))])
+
+
+@pytest.mark.parametrize("budget", [0, 2, 4, 6, 100])
+def test_vision_budget_caps_the_images_a_step_encodes(budget):
+    seqs = [image_seq(h) for h in "abcde"]
+    sched = Scheduler(PagePool(num_pages=100, page_size=4), max_running=8, max_step_tokens=64, chunk_size=0,
+                      vision_budget=budget)
+    encoded_at = {}
+    for s in seqs:
+        sched.add(s)
+    step = 0
+    while sched.has_work():
+        batch = sched.schedule()
+        rows = sum(batch.images.values())
+        assert rows <= budget or len(batch.images) == 1 or budget == 0
+        for h in batch.images:
+            assert h not in encoded_at  # each image is encoded once
+            encoded_at[h] = step
+        sched.after_step(batch)
+        for s, n in zip(batch.seqs, batch.num_new):
+            if s.num_computed >= len(s.prompt_ids) and not s.output_ids:
+                s.output_ids.append(0)
+                sched.finish(s)
+        step += 1
+    assert sorted(encoded_at) == list("abcde")
+    per_step = {0: 5, 2: 1, 4: 1, 6: 2, 100: 5}[budget]  # an image bigger than the budget still runs alone
+    assert max(list(encoded_at.values()).count(i) for i in range(step)) == per_step
+    sched.pool.check_invariants()
+
+
+def test_vision_budget_charges_an_image_once_and_cached_images_nothing():
+    a, b, c = image_seq("x"), image_seq("x"), image_seq("y")
+    sched = Scheduler(PagePool(num_pages=100, page_size=4), max_running=8, max_step_tokens=64, chunk_size=0,
+                      vision_budget=3, is_encoded=lambda h: h == "y")
+    for s in (a, b, c):
+        sched.add(s)
+    batch = sched.schedule()
+    assert batch.seqs == [a, b, c] and batch.num_new == [5, 5, 5]  # x twice in one step, y cached
+    assert batch.images == {"x": 3}
+
+
+def test_vision_budget_cuts_a_chunk_before_the_image():
+    first, second = image_seq("p"), image_seq("q")
+    sched = Scheduler(PagePool(num_pages=100, page_size=4), max_running=8, max_step_tokens=64, chunk_size=0,
+                      vision_budget=3)
+    sched.add(first)
+    sched.add(second)
+    batch = sched.schedule()
+    assert batch.seqs == [first, second] and batch.num_new == [5, 1]  # second: only the text before its image
+    sched.after_step(batch)
+    first.output_ids.append(0)
+    sched.finish(first)
+    batch = sched.schedule()
+    assert batch.seqs == [second] and batch.num_new == [4] and batch.images == {"q": 3}

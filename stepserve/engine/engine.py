@@ -101,7 +101,8 @@ class Engine:
         c = self.config
         self.pool = PagePool(self.runner.num_pages, c.page_size, not c.disable_radix_cache)
         self.scheduler = Scheduler(self.pool, c.max_running_requests, max(c.max_prefill_tokens, c.max_running_requests),
-                                   c.chunked_prefill_size)
+                                   c.chunked_prefill_size, c.max_image_tokens_per_step,
+                                   self.runner.encoder_cache.__contains__)
         self.seqs: dict[str, list[Sequence]] = {}
         self.launched = None  # the step queued on the GPU whose tokens the host has not taken in yet
         self.prompts: dict[str, str | None] = {}

@@ -4,13 +4,16 @@ Each step is one flat batch: every running sequence that is decoding contributes
 prefills (new or resumed) fill the remaining token budget in chunks of at most `chunked_prefill_size`.
 Admission needs free KV pages for the chunk; when decoding runs out of pages the newest running
 sequence is preempted (its pages freed, its tokens recomputed later), so a small pool slows work down
-but never fails it.
+but never fails it. The images a step's chunks start to encode are capped too (`vision_budget` feature
+rows): the vision tower runs inside the step, so a burst of image requests admitted together would
+otherwise stall every decoding sequence for seconds.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from stepserve.engine.kv_cache import PagePool
@@ -21,6 +24,7 @@ from stepserve.engine.request import Sequence, Status
 class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new: list[int] = field(default_factory=list)  # tokens each sequence computes this step
+    images: dict[str, int] = field(default_factory=dict)  # image hash -> feature rows encoded this step
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -40,11 +44,16 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, pool: PagePool, max_running: int, max_step_tokens: int, chunk_size: int):
+    def __init__(self, pool: PagePool, max_running: int, max_step_tokens: int, chunk_size: int,
+                 vision_budget: int = 0, is_encoded: Callable[[str], bool] = lambda image_hash: False):
+        """vision_budget: feature rows of images a step may encode (0: no cap; a step's first image always may);
+        is_encoded(hash): whether an image's embeddings are cached, so encoding it costs nothing."""
         self.pool = pool
         self.max_running = max_running
         self.max_step_tokens = max_step_tokens
         self.chunk_size = chunk_size if chunk_size > 0 else 1 << 60
+        self.vision_budget = vision_budget
+        self.is_encoded = is_encoded
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
@@ -110,13 +119,32 @@ class Scheduler:
         n = min(seq.num_tokens - seq.num_computed, self.chunk_size, budget)
         # Shrink the chunk to the pages we have rather than waiting for a whole chunk's worth.
         spare = (self.pool.num_available + len(seq.pages)) * self.pool.page_size - seq.num_computed
-        n = min(n, spare)
+        n, images = self._within_vision_budget(batch, seq, min(n, spare))
         if n <= 0:
             return 0
         self.pool.grow(seq, seq.num_computed + n)
         batch.seqs.append(seq)
         batch.num_new.append(n)
+        batch.images.update(images)
         return n
+
+    def _within_vision_budget(self, batch: ScheduledBatch, seq: Sequence, n: int) -> tuple[int, dict[str, int]]:
+        """Cut a chunk of n tokens before the first image that would take the step past the vision budget;
+        return the cut length and the images the chunk encodes (hash -> feature rows)."""
+        images: dict[str, int] = {}
+        rows = sum(batch.images.values())
+        start, end = seq.num_computed, seq.num_computed + n
+        for k, span in enumerate(seq.spans):
+            h = span.image.hash
+            if (span.end <= start or span.start >= end or k in seq.image_embeds or h in batch.images or h in images
+                    or self.is_encoded(h)):
+                continue
+            cost = span.image.num_feature_rows
+            if self.vision_budget and rows and rows + cost > self.vision_budget:
+                return span.start - start, images
+            images[h] = cost
+            rows += cost
+        return n, images
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -29,6 +29,9 @@ class EncoderCache:
         self.hits += 1
         return tensor
 
+    def __contains__(self, key: str) -> bool:  # a look that counts as neither hit nor miss
+        return key in self._entries
+
     def put(self, key: str, tensor: torch.Tensor) -> None:
         if self.capacity == 0:
             return
