@@ -181,6 +181,12 @@ def validation_error(exc: ValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"{param or 'body'}: {err['msg']}", param=param)
 
 
+class ProfileRequest(_Request):
+    """/start_profile's optional body (SGLang's fields that apply here)."""
+    num_steps: int | None = Field(default=None, ge=1)
+    with_stack: bool = False
+
+
 def parse_request(cls: type[BaseModel], body: Any) -> Any:
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 _GRACEFUL_SHUTDOWN_S = 10  # a backstop: streams end on their own at shutdown (see _Server)
 _OPEN_PATHS = ("/health", "/health_generate", "/metrics")  # probes and scrapers carry no key
 _ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/health_generate", "/metrics",
-           "/get_model_info"}
+           "/get_model_info", "/start_profile", "/stop_profile"}
 
 
 def _error(exc: StepserveError) -> JSONResponse:
@@ -141,6 +141,19 @@ def build_app(args: ServerArgs, engine) -> FastAPI:
     @app.get("/metrics")
     async def metrics_route():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/start_profile")
+    async def start_profile(request: Request):
+        """Optional JSON body {"num_steps": N (stop by itself after N engine steps), "with_stack": bool}."""
+        check_key(request)
+        body = await body_of(request, P.ProfileRequest) if (await request.body()).strip() else P.ProfileRequest()
+        trace = await engine.call(engine.profiler.start, body.num_steps, body.with_stack)
+        return {"trace": trace}
+
+    @app.post("/stop_profile")
+    async def stop_profile(request: Request):
+        check_key(request)
+        return {"trace": await engine.call(engine.profiler.stop)}
 
     return app
 

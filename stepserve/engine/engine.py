@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.profiler import record_function
 
 from stepserve import loader
 from stepserve.config import EngineConfig
@@ -23,6 +24,7 @@ from stepserve.engine.detokenizer import DetokenizeState
 from stepserve.engine.kv_cache import PagePool
 from stepserve.engine.model_runner import ModelRunner
 from stepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestTimes
+from stepserve.engine.profiler import EngineProfiler
 from stepserve.engine.request import Sequence, cache_keys, image_spans
 from stepserve.engine.sampling_params import SamplingParams
 from stepserve.engine.scheduler import Scheduler
@@ -208,10 +210,12 @@ class Engine:
         outputs = []
         if self.launched is not None and any(s.needs_history for s in self.scheduler.running):
             outputs, self.launched = self._take(self.launched), None
-        batch = self.scheduler.schedule()
+        with record_function("schedule"):
+            batch = self.scheduler.schedule()
         launched = None
         if batch.seqs:
-            launched = self.runner.run(batch)
+            with record_function("launch"):
+                launched = self.runner.run(batch)
             self.scheduler.after_step(batch)
         previous, self.launched = self.launched, launched
         if previous is not None:
@@ -220,16 +224,18 @@ class Engine:
 
     def _take(self, launched) -> list[RequestOutput]:
         """Record a launched step's sampled tokens (waiting for the GPU), finishing sequences that stop."""
-        result = self.runner.collect(launched)
-        deltas: dict[str, dict[int, tuple]] = {}
-        for j, (seq, token) in enumerate(zip(result.seqs, result.token_ids)):
-            seq.num_pending -= 1
-            if seq.finished:  # aborted, or stopped at the step before: this token is past its end
-                continue
-            deltas.setdefault(seq.request_id, {})[seq.index] = self._append(seq, token, result, j)
-            if not seq.finished:
-                self.pool.commit(seq)
-        return [self._output(rid, d) for rid, d in deltas.items()]
+        with record_function("wait"):
+            result = self.runner.collect(launched)
+        with record_function("collect"):
+            deltas: dict[str, dict[int, tuple]] = {}
+            for j, (seq, token) in enumerate(zip(result.seqs, result.token_ids)):
+                seq.num_pending -= 1
+                if seq.finished:  # aborted, or stopped at the step before: this token is past its end
+                    continue
+                deltas.setdefault(seq.request_id, {})[seq.index] = self._append(seq, token, result, j)
+                if not seq.finished:
+                    self.pool.commit(seq)
+            return [self._output(rid, d) for rid, d in deltas.items()]
 
     def _append(self, seq: Sequence, token: int, result, j: int) -> tuple[str, list[int], list[Logprob]]:
         """Record a sampled token, detokenize it, and finish the sequence if a stop condition holds."""
@@ -308,6 +314,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.profiler = EngineProfiler()  # driven from the engine thread only (`call`)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
@@ -355,6 +362,15 @@ class AsyncEngine:
     def stats(self) -> dict:
         return self.engine.stats()
 
+    async def call(self, fn, *args):
+        """Run fn(*args) on the engine thread between two steps and return its result (or raise its error)."""
+        if self._thread is None:
+            raise RuntimeError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._inbox.put(("call", fn, args, loop, done))
+        return await done
+
     # -- the engine thread ------------------------------------------------------------------------
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)
@@ -377,6 +393,14 @@ class AsyncEngine:
                     self.engine.add(rid, seqs, prompt)
                 except Exception as e:  # duplicate ids and the like: fail this request only
                     self._deliver(rid, e)
+            elif cmd[0] == "call":
+                _, fn, args, loop, done = cmd
+                try:
+                    result = fn(*args)
+                except Exception as e:  # noqa: BLE001 - the caller gets it, the engine thread goes on
+                    loop.call_soon_threadsafe(done.set_exception, e)
+                else:
+                    loop.call_soon_threadsafe(done.set_result, result)
             else:
                 out = self.engine.abort(cmd[1])
                 if out is not None:  # a consumer still listening (not a disconnect) gets the final output
@@ -400,5 +424,9 @@ class AsyncEngine:
                 log.exception("engine step failed; failing the requests in flight")
                 self._fail_all(RuntimeError(f"engine step failed: {e}"))
                 continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            with record_function("deliver"):
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+            trace = self.profiler.step()
+            if trace is not None:
+                log.info("profile of the requested steps written to %s", trace)
