@@ -1,0 +1,80 @@
+"""Host time to launch the compiled vision tower vs its GPU time, and the same blocks replayed as a CUDA graph.
+
+    python3 benchmarks/vision_launch.py [--images 1,2,3]
+
+When launching a step's vision work takes the host longer than the GPU takes to run it, the GPU waits: the
+server's profile (benchmarks/trace_gaps.py) put most of its idle time inside the engine's `launch` label.
+Per image count (1280x720 images: one view + six crops each): host ms to queue the whole encode (no sync) and
+its GPU ms; the 47 blocks alone, eager-compiled and as one replayed CUDA graph (host and GPU ms), and the
+largest difference between the two outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from cuda_timing import median_ms
+from vision_tower import build_model, encode, make_inputs
+
+
+def host_ms(fn, reps: int = 5) -> float:
+    """Median ms the host spends queueing fn() (the GPU idle before each call)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--images", default="1,2,3")
+    args = p.parse_args()
+    model, _ = build_model()
+    tower = model.vision_model
+    tower.compile_blocks()
+    rows = []
+    for n in map(int, args.images.split(",")):
+        inputs = make_inputs(n)
+        for _ in range(2):
+            encode(model, inputs)
+        views, crops, _ = inputs
+        x = torch.cat([tower._embed(views), tower._embed(crops)])
+        seqs = [(views.shape[0], 52), (crops.shape[0], 36)]
+        want = tower._blocks(x, seqs)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            tower._blocks(x, seqs)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                got = tower._blocks(x, seqs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph.replay()
+        row = {"images": n, "encode_host_ms": host_ms(lambda: encode(model, inputs)),
+               "encode_gpu_ms": median_ms(lambda: encode(model, inputs), 5),
+               "blocks_host_ms": host_ms(lambda: tower._blocks(x, seqs)),
+               "blocks_gpu_ms": median_ms(lambda: tower._blocks(x, seqs), 5),
+               "graph_host_ms": host_ms(graph.replay), "graph_gpu_ms": median_ms(graph.replay, 5),
+               "graph_max_abs_diff": float((got.float() - want.float()).abs().max())}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del graph, got
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "vision_launch.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
