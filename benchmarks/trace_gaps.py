@@ -5,12 +5,15 @@
 GPU busy time is the union of kernels, copies and memsets; a gap is a stretch with none of them. Each gap is
 split over the engine's host labels (schedule, launch, wait, collect, deliver) that overlap it; the rest is
 "unlabelled" (the engine loop between labels, or the GIL held by another thread). Also prints the labels' host
-durations and the kernels that took the most GPU time.
+durations, the CUDA runtime calls that held the host longest inside `launch` (a synchronizing call there stops
+the host from queueing the step's remaining work while the GPU drains), and the kernels that took the most GPU
+time.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 from collections import defaultdict
 
@@ -64,6 +67,14 @@ def analyze(events: list[dict], min_gap: float) -> dict:
     durations: dict[str, list[float]] = defaultdict(list)
     for name, a, b in host:
         durations[name].append(b - a)
+    launches = sorted((a, b) for name, a, b in host if name == "launch")
+    starts = [a for a, _ in launches]
+    runtime: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            i = bisect.bisect_right(starts, e["ts"]) - 1
+            if i >= 0 and e["ts"] < launches[i][1]:
+                runtime[e["name"]].append(e["dur"])
     kernels: dict[str, float] = defaultdict(float)
     for e in events:
         if e.get("ph") == "X" and e.get("cat") == "kernel":
@@ -76,6 +87,8 @@ def analyze(events: list[dict], min_gap: float) -> dict:
         "host_labels_ms": {k: {"count": len(v), "mean": sum(v) / len(v) / 1e3, "p50": percentile(v, 0.5) / 1e3,
                                "p90": percentile(v, 0.9) / 1e3, "max": max(v) / 1e3, "total": sum(v) / 1e3}
                            for k, v in durations.items()},
+        "launch_runtime_calls_ms": {k: {"count": len(v), "total": sum(v) / 1e3, "max": max(v) / 1e3}
+                                    for k, v in sorted(runtime.items(), key=lambda kv: -sum(kv[1]))[:12]},
         "top_kernels_ms": {k: v / 1e3 for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:25]},
     }
 
@@ -96,6 +109,9 @@ def main() -> None:
     for name, d in sorted(report["host_labels_ms"].items()):
         print(f"{name:<10} {d['count']:>6} {d['mean']:>8.2f} {d['p50']:>8.2f} {d['p90']:>8.2f} {d['max']:>8.2f} "
               f"{d['total']:>9.1f}")
+    print("CUDA runtime calls inside launch (host ms):")
+    for name, d in report["launch_runtime_calls_ms"].items():
+        print(f"  {name:<40} count {d['count']:>7} total {d['total']:>9.1f} max {d['max']:>8.2f}")
     print("top kernels (GPU ms):")
     for name, ms in report["top_kernels_ms"].items():
         print(f"  {ms:9.1f}  {name}")

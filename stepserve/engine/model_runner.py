@@ -14,6 +14,7 @@ from stepserve.engine.cuda_graph import DecodeGraphs
 from stepserve.engine.request import Sequence
 from stepserve.engine.sampling import Sampler, SamplingBatch, mask_padded_vocab
 from stepserve.engine.scheduler import ScheduledBatch
+from stepserve.host_copy import to_device
 from stepserve.layers.attention import build_context, forward_context, slot_of, to_device_aligned
 from stepserve.multimodal.encoder_cache import EncoderCache
 from stepserve.multimodal.processor import ImageInput, pixel_inputs
@@ -131,7 +132,7 @@ class ModelRunner:
             else:
                 mm_mask.extend([False] * n)
         mm_embeds = torch.cat(mm_rows).to(self.device, self.dtype) if mm_rows else None
-        mask = torch.tensor(mm_mask, dtype=torch.bool).to(self.device, non_blocking=True) if mm_rows else None
+        mask = to_device(torch.tensor(mm_mask, dtype=torch.bool), self.device) if mm_rows else None
         kv_lens = [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)]
         if batch.is_decode and not mm_rows and self.graphs is not None and self.graphs.can_run(len(batch)):
             tables = [s.pages for s in batch.seqs]
@@ -143,7 +144,7 @@ class ModelRunner:
                             self.kv_scale)
         input_ids, pos = to_device_aligned([ids, positions], torch.int64, self.device)
         if pending_at:
-            at = torch.tensor(pending_at + pending_rows, dtype=torch.long).to(self.device, non_blocking=True)
+            at = to_device(torch.tensor(pending_at + pending_rows, dtype=torch.long), self.device)
             input_ids[at[: len(pending_at)]] = self.last_sampled[at[len(pending_at) :]]
         with forward_context(ctx):
             hidden = self.model(input_ids, pos, mm_embeds, mask)
@@ -151,7 +152,7 @@ class ModelRunner:
         if not sampled:
             return LaunchedStep([], None)
         ends = list(itertools.accumulate(batch.num_new))
-        last = torch.tensor([ends[i] - 1 for i in sampled], device=self.device)
+        last = to_device(torch.tensor([ends[i] - 1 for i in sampled]), self.device)
         logits = mask_padded_vocab(self.model.compute_logits(hidden[last]), self.num_tokens)
         seqs = [batch.seqs[i] for i in sampled]
         return self._sample(seqs, logits)

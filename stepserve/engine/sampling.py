@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from stepserve.engine.sampling_params import SamplingParams
+from stepserve.host_copy import to_device
 
 _TOP_P_CANDIDATES = 1024  # a top-p row (without top-k) first looks for its nucleus among its best 1024 tokens
 _MASK32 = 0xFFFFFFFF
@@ -137,7 +138,7 @@ class SamplingBatch:
                 num_logprobs = max(num_logprobs or 0, p.logprobs)
 
         def tensor(values, dtype=torch.int64) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device)
+            return to_device(torch.tensor(values, dtype=dtype), device)
 
         def column(values) -> torch.Tensor:
             return tensor(values, torch.float32).unsqueeze(1)
@@ -155,7 +156,7 @@ class SamplingBatch:
         if greedy:
             batch.greedy_rows = tensor(greedy)
         batch.temperature = column([1.0 if p.greedy else p.temperature for p in params])
-        batch.uniforms = uniforms(seeds, steps).unsqueeze(1).to(device)
+        batch.uniforms = to_device(uniforms(seeds, steps).unsqueeze(1), device)
         if any_min_p:
             batch.log_min_p = column([math.log(p.min_p) if not p.greedy and p.min_p > 0 else -math.inf
                                       for p in params])
@@ -183,7 +184,7 @@ def _build_penalties(params: list[SamplingParams], rows: list[int], output_ids: 
     generated = _flat_ids(gen_rows, [output_ids[i] for i in gen_rows], vocab_size, device) if gen_rows else None
 
     def per_row(name: str) -> torch.Tensor:
-        return torch.tensor([getattr(p, name) for p in params], dtype=torch.float32).to(device)
+        return to_device(torch.tensor([getattr(p, name) for p in params], dtype=torch.float32), device)
 
     return _Penalties(per_row("repetition_penalty"), per_row("presence_penalty"), per_row("frequency_penalty"),
                       seen, generated)
@@ -195,7 +196,7 @@ def _flat_ids(rows: list[int], id_lists: list[list[int]], vocab_size: int, devic
     ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))
     row_of = np.repeat(np.asarray(rows, dtype=np.int64), lengths)
     keep = (ids >= 0) & (ids < vocab_size)
-    return torch.from_numpy(row_of[keep]).to(device), torch.from_numpy(ids[keep]).to(device)
+    return to_device(torch.from_numpy(row_of[keep]), device), to_device(torch.from_numpy(ids[keep]), device)
 
 
 def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stepserve.host_copy import to_device
 from stepserve.layers.dispatch import dispatched
 from stepserve.layers.rotary import qk_norm_rope
 
@@ -82,7 +83,7 @@ def to_device_aligned(parts: list[list[int]], dtype: torch.dtype, device: torch.
         starts.append(len(flat))
         flat.extend(part)
         flat.extend([0] * (-len(flat) % per))
-    buf = torch.tensor(flat, dtype=dtype).to(device, non_blocking=True)
+    buf = to_device(torch.tensor(flat, dtype=dtype), device)
     return [buf[s : s + len(p)] for s, p in zip(starts, parts)]
 
 
@@ -108,7 +109,7 @@ def build_context(q_lens: list[int], kv_lens: list[int], block_tables: list[list
         cu_q_lens=cu_q_lens,
         kv_lens=kv,
         block_tables=tables.view(b, width),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
+        slot_mapping=to_device(torch.tensor(slots, dtype=torch.int64), device),
         max_q_len=max(q_lens, default=0),
         max_kv_len=max(kv_lens, default=0),
         q_lens_cpu=list(q_lens),

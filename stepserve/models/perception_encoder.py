@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from stepserve.host_copy import to_device
 from stepserve.layers.activation import quick_gelu
 from stepserve.layers.quant import Fp8Config, make_linear
 from stepserve.models.configs import VisionConfig
@@ -246,7 +247,7 @@ class PerceptionEncoder(nn.Module):
         cu_seqlens = None
         if self.options.attention == "varlen":
             offsets = itertools.accumulate((g * g for b, g in seqs for _ in range(b)), initial=0)
-            cu_seqlens = torch.tensor(list(offsets), dtype=torch.int32).to(x.device, non_blocking=True)
+            cu_seqlens = to_device(torch.tensor(list(offsets), dtype=torch.int32), x.device)
         run = self._compiled_block or _run_block
         for block in self.transformer.resblocks:
             x = run(block, x, cos, sin, groups, cu_seqlens)

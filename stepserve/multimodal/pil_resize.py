@@ -23,6 +23,8 @@ import PIL
 import torch
 from PIL import Image
 
+from stepserve.host_copy import to_device
+
 _FRACTION_BITS = 22
 # Pillow 13 runs the vertical pass first when the height shrinks by more than twice as many pixels as the width
 # (fewer rows for the horizontal pass); earlier versions always start horizontally. The order moves some pixels
@@ -56,7 +58,7 @@ def resize_like_pil(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def _pass(image: torch.Tensor, dim: int, out_size: int) -> torch.Tensor:
     """Resample `dim` (0: rows, 1: columns) of uint8 `image` to `out_size`."""
-    index, weights = _upload(_taps(image.shape[dim], out_size), image.device)
+    index, weights = to_device(torch.from_numpy(_taps(image.shape[dim], out_size)), image.device)
     shape = [1] * image.dim()
     shape[dim] = out_size
     acc = None
@@ -89,12 +91,3 @@ def _taps(in_size: int, out_size: int) -> np.ndarray:
     weights = np.trunc(0.5 + raw * (1 << _FRACTION_BITS))
     index = np.minimum(first + np.arange(k)[:, None], in_size - 1)
     return np.stack([index, weights]).astype(np.int32)
-
-
-def _upload(taps: np.ndarray, device: torch.device) -> torch.Tensor:
-    host = torch.from_numpy(taps)
-    if device.type != "cuda":
-        return host
-    # From pinned memory the copy is queued without waiting for the work already on the stream (the previous
-    # step, with overlap scheduling); the caching host allocator keeps the block until the copy has run.
-    return host.pin_memory().to(device, non_blocking=True)
