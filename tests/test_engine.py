@@ -231,6 +231,30 @@ def test_attention_metadata_16_byte_aligned_at_any_batch_size(batch):
     assert ctx.block_tables.tolist() == [[0, 1]] * batch
 
 
+def test_a_step_outputs_reach_the_event_loop_in_one_wake_up(llm):
+    import asyncio
+
+    from stepserve.engine.engine import AsyncEngine
+
+    class CountingLoop:
+        def __init__(self):
+            self.calls = []
+
+        def call_soon_threadsafe(self, fn, *args):
+            self.calls.append((fn, args))
+
+    front, loop = AsyncEngine(llm.engine), CountingLoop()
+    streams = [asyncio.Queue() for _ in range(5)]
+    front._streams = {f"r{i}": (loop, q) for i, q in enumerate(streams)}
+    front._deliver_all([(f"r{i}", i) for i in range(5)] + [("disconnected", 9), ("r0", 10)])
+    assert len(loop.calls) == 1
+    fn, args = loop.calls[0]
+    fn(*args)
+    assert [q.qsize() for q in streams] == [2, 1, 1, 1, 1]
+    assert [streams[0].get_nowait(), streams[0].get_nowait()] == [0, 10]
+    assert [q.get_nowait() for q in streams[1:]] == [1, 2, 3, 4]
+
+
 def test_a_failed_step_fails_the_requests_in_flight_and_the_engine_goes_on(monkeypatch):
     """A step that raises ends every request in flight with the error, and later requests run on a clean engine."""
     import asyncio
