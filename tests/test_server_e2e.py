@@ -489,7 +489,11 @@ def test_metrics_after_traffic(real_server):
     body = {"model": SEED_MODEL, "max_tokens": 5, "temperature": 0, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url("receipt.png")}},
         {"type": "text", "text": "What does this receipt say? Please read it carefully, line by line."}]}]}
-    usages = [chat(real_server.base_url, body)["usage"] for _ in range(2)]
+    # The same request twice (the second reuses the first's prompt pages), then the image after other text: its rows
+    # sit at other positions, so no prefix is shared but the vision embeddings come from the encoder cache.
+    moved = {**body, "messages": [{"role": "user", "content": [{"type": "text", "text": "Look closely."},
+                                                               *body["messages"][0]["content"]]}]}
+    usages = [chat(real_server.base_url, b)["usage"] for b in (body, body, moved)]
     assert httpx.post(real_server.base_url + "/v1/chat/completions", json={"messages": []}).status_code == 400
     m = metrics(real_server)
 
@@ -497,13 +501,13 @@ def test_metrics_after_traffic(real_server):
         return m.get(name, 0) - before.get(name, 0)
 
     route = "route=/v1/chat/completions"
-    assert delta(f"stepserve_requests_total{{{route},status=200}}") == 2
+    assert delta(f"stepserve_requests_total{{{route},status=200}}") == 3
     assert delta(f"stepserve_requests_total{{{route},status=400}}") == 1
     assert delta("stepserve_prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
     assert delta("stepserve_generation_tokens_total") == sum(u["completion_tokens"] for u in usages)
     for hist in ("request_prepare_seconds", "time_to_first_token_seconds", "time_per_output_token_seconds",
                  "e2e_request_latency_seconds", "request_queue_seconds", "request_first_token_engine_seconds"):
-        assert delta(f"stepserve_{hist}_count") == 2
+        assert delta(f"stepserve_{hist}_count") == 3
         assert 0 < delta(f"stepserve_{hist}_sum") < 60
         assert m[f"stepserve_{hist}_bucket{{le=+Inf}}"] == m[f"stepserve_{hist}_count"]
     # the second request reused the first one's prompt pages and vision embeddings
