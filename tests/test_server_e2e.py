@@ -35,7 +35,8 @@ IMAGES = {"receipt.png": (600, 900, "PNG"), "taxi.jpg": (800, 533, "JPEG"), "tax
           "wide.png": (1200, 1000, "PNG"),        # over the strict server's pixel limit, small in bytes
           "plain.jpg": (990, 990, "JPEG"),        # under both limits, 504 prompt tokens
           "small.jpg": (320, 240, "JPEG"),
-          "noise.png": (400, 400, "PNG")}         # random pixels: over its byte limit
+          "noise.png": (400, 400, "PNG"),         # random pixels: over its byte limit
+          "metrics.png": (640, 480, "PNG")}       # sent by test_metrics_after_traffic only: a cold image there
 SLOW_SECONDS = 3.0
 # Seeds whose sampled outputs (temperature 1.0, top_k off, 128 tokens) contain `</think>` / `<tool_call>` with
 # the tiny checkpoint; `find_seed` tries them first and searches on if a change to the weights or the sampler
@@ -487,7 +488,7 @@ def test_concurrent_streams_with_disconnects(real_server):
 def test_metrics_after_traffic(real_server):
     before = metrics(real_server)
     body = {"model": SEED_MODEL, "max_tokens": 5, "temperature": 0, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url("receipt.png")}},
+        {"type": "image_url", "image_url": {"url": data_url("metrics.png")}},
         {"type": "text", "text": "What does this receipt say? Please read it carefully, line by line."}]}]}
     # The same request twice (the second reuses the first's prompt pages), then the image after other text: its rows
     # sit at other positions, so no prefix is shared but the vision embeddings come from the encoder cache.
@@ -503,6 +504,7 @@ def test_metrics_after_traffic(real_server):
     route = "route=/v1/chat/completions"
     assert delta(f"stepserve_requests_total{{{route},status=200}}") == 3
     assert delta(f"stepserve_requests_total{{{route},status=400}}") == 1
+    assert delta("stepserve_num_encoded_images") == 1 and m["stepserve_num_preemptions"] >= 0
     assert delta("stepserve_prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
     assert delta("stepserve_generation_tokens_total") == sum(u["completion_tokens"] for u in usages)
     for hist in ("request_prepare_seconds", "time_to_first_token_seconds", "time_per_output_token_seconds",

@@ -20,6 +20,8 @@ _ENGINE_GAUGES = {
     "image_cache_hit_rate": ("image_cache_hit_rate", "fraction of images served from the encoder cache"),
     "num_kv_pages_free": ("num_kv_pages_free", "free KV cache pages"),
     "num_kv_pages_total": ("num_kv_pages_total", "KV cache pages in the pool"),
+    "num_encoded_images": ("num_encoded_images", "images run through the vision tower since start"),
+    "num_preemptions": ("num_preemptions", "sequences preempted since start (pages freed, recomputed later)"),
 }
 
 
