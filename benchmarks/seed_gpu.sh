@@ -15,7 +15,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
+# The commit of this tree: a `git archive` copy inside another checkout must not report that checkout's HEAD.
+if [[ "$(git rev-parse --show-toplevel 2>/dev/null)" == "$PWD" ]]; then git rev-parse --short HEAD; else
+  echo "${COMMIT:-unknown: not a git checkout (set COMMIT)}"; fi | tee "$OUT/commit.txt"
 
 if has tests; then
   python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
