@@ -82,7 +82,8 @@ class Sequence:
     seed: int
     spans: list[ImageSpan] = field(default_factory=list)
     keys: list[int] = field(default_factory=list)  # prefix-cache keys of the prompt
-    arrival: float = 0.0  # time.monotonic() when the engine got it; then when first scheduled, first token taken
+    # time.monotonic() stamps: handed to the engine, first admitted to a step, first token taken in by the host
+    arrival: float = 0.0
     scheduled_at: float | None = None
     first_token_at: float | None = None
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
