@@ -4,7 +4,9 @@ Both match `stepserve.layers.attention.paged_attention_reference` (the plain-tor
 KV cache layout [2, num_pages, page_size, num_kv_heads, head_dim] through `ctx.block_tables`. A program
 owns one kv head and the whole group of query heads that share it, so each K/V row is read once per group.
 An fp8 cache is read as stored and its per-tensor `ctx.kv_scale` is folded into the softmax scale (K) and
-the output (V): the same function as the reference, which scales K/V after loading.
+the output (V): the same function as the reference, which scales K/V after loading. With an fp8 cache the
+products run in fp16, not bf16: fp8 -> fp16 is one instruction per pair (to bf16 it is several), and fp16 holds
+every fp8 value, q (|q| < 65504) and the probabilities at least as precisely as bf16.
 
 Decode (every sequence has one new token) is CUDA-graph capturable: the grid and scratch buffers depend
 only on the batch size and the number of KV splits, never on data; each sequence's keys are divided among
@@ -100,7 +102,7 @@ def _decode_kernel(q_ptr, knew_ptr, vnew_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_p
                    stride_qt, stride_qh, stride_nt, stride_nh, stride_cs, stride_kp, stride_ks, stride_kh,
                    stride_bt, stride_ot, stride_oh,
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, SATURATE: tl.constexpr,
+                   PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, FP8: tl.constexpr,
                    USE_PDL: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -151,16 +153,18 @@ def _decode_kernel(q_ptr, knew_ptr, vnew_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_p
         q1 = tl.load(q_lo, mask=row_ok[:, None], other=0.0)
         q2 = tl.load(q_lo + HALF, mask=row_ok[:, None], other=0.0)
     q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_H, HEAD_DIM))
+    if FP8:
+        q = q.to(tl.float16)  # the module docstring says why
     # The new key and value, loaded by every split with q (a few hundred bytes) so that the one holding the key
     # does not wait for them at the end.
     if ROPE:  # computed here, stored below, used as stored (an fp8 cache rounds it)
         cache_dtype = k_ptr.dtype.element_ty
         k_lo = knew_ptr + seq * stride_nt + kv_head * stride_nh + half[None, :]
         k1, k2 = _norm_rotate(k_lo, half[None, :] < HALF, kw1, kw2, eps, cos, sin, HALF, True)
-        k1 = _to_cache(k1, v_scale, cache_dtype, fp8_max, SATURATE)
-        k2 = _to_cache(k2, v_scale, cache_dtype, fp8_max, SATURATE)
+        k1 = _to_cache(k1, v_scale, cache_dtype, fp8_max, FP8)
+        k2 = _to_cache(k2, v_scale, cache_dtype, fp8_max, FP8)
         v_new = _to_cache(tl.load(vnew_ptr + seq * stride_nt + kv_head * stride_nh + dims), v_scale, cache_dtype,
-                          fp8_max, SATURATE)
+                          fp8_max, FP8)
     else:
         k1 = tl.load(k_ptr + new_row + half[None, :])
         k2 = tl.load(k_ptr + new_row + HALF + half[None, :])
@@ -228,7 +232,7 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_lens_ptr, kv_lens_ptr, o
                    qk_scale, v_scale, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_bt,
                    stride_ot, stride_oh,
                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   PAGE_SIZE: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr):
+                   PAGE_SIZE: tl.constexpr, BLOCK_B: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr):
     TOKENS: tl.constexpr = BLOCK_M // GROUP  # query tokens per tile; a row is (token, head in group)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -264,6 +268,8 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_lens_ptr, kv_lens_ptr, o
         dims = tl.arange(0, HEAD_DIM)
         q_off = (q_start + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :]
         q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
+        if FP8:
+            q = q.to(tl.float16)
 
         first_tok = q_block * TOKENS
         last_tok = tl.minimum(first_tok + TOKENS, q_len) - 1
@@ -378,7 +384,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, PAGE_SIZE=page_size, NUM_SPLITS=num_splits, ROPE=step_kv is not None,
-        SATURATE=kv_cache.element_size() == 1, USE_PDL=use_pdl,
+        FP8=kv_cache.element_size() == 1, USE_PDL=use_pdl,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -409,7 +415,7 @@ def extend_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), ctx.block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
-        BLOCK_B=16, USE_PDL=use_pdl, num_warps=num_warps,
+        BLOCK_B=16, FP8=kv_cache.element_size() == 1, USE_PDL=use_pdl, num_warps=num_warps,
         num_stages=num_stages, launch_pdl=use_pdl)
     return out
 
