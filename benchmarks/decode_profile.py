@@ -1,6 +1,7 @@
 """Where a decode step's time goes, at real size with dummy weights: GPU graph replay vs the engine's host work.
 
     python benchmarks/decode_profile.py [--batch 1,64] [--prompt 1412] [--kernels] [--quantization fp8]
+        [--kv-cache-dtype fp8_e4m3]
 
 For each batch size: the CUDA-graph replay alone (events, median), then engine.step() wall time split into
 schedule / model runner (incl. the sampled ids' device->host copy) / token bookkeeping + detokenization.
@@ -59,7 +60,9 @@ def kernel_table(engine: Engine, bs: int, replays: int = 10, top: int = 25) -> l
 
 
 def profile_steps(engine: Engine, bs: int, prompt_len: int, steps: int = 64, cprofile: bool = False) -> dict:
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    # No sequence may finish before the timed steps end (the first ones decode while the last prefill): the
+    # replays that follow read the last step's inputs, and a smaller last batch leaves stale rows (-1 ids).
+    params = SamplingParams(temperature=0.0, max_tokens=4096, ignore_eos=True)
     for i in range(bs):
         ids = [(7 * i + j) % 800 + 10 for j in range(prompt_len)]
         engine.add_request(f"p{bs}-{i}", ids, [], params)
@@ -106,9 +109,11 @@ def main() -> None:
                     help="also time the graph replays with cuBLAS for the decode linears instead of the skinny kernel")
     ap.add_argument("--kernels", action="store_true", help="per-kernel GPU time of one graph replay (torch.profiler)")
     ap.add_argument("--quantization", default=None, help="fp8: block-fp8 decoder linears")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8_e4m3")
     args = ap.parse_args()
     engine = Engine(EngineConfig(model=str(real_dummy_checkpoint("/tmp/step3-vl-10b-dummy")), load_format="dummy",
-                                 context_length=32768, quantization=args.quantization))
+                                 context_length=32768, quantization=args.quantization,
+                                 kv_cache_dtype=args.kv_cache_dtype))
     rows = []
     sizes = [int(b) for b in args.batch.split(",")]
     for bs in sizes:

@@ -51,6 +51,7 @@ def fp8_gemm_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: 
     return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
+@torch.compiler.assume_constant_result  # a compiled graph (the vision tower) takes its answer as a constant
 @functools.cache
 def scaled_mm_supported(device: torch.device) -> bool:
     """Whether F.scaled_mm has the 1x128 x 128x128 block recipe here: PyTorch implements it through cuBLASLt
@@ -103,10 +104,14 @@ def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_sk, FP8
 
 
 def quantize_groups(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> fp8 [rows, K] and float32 scales [rows, K / 128] in the column-major layout cuBLAS wants
-    (stride (1, rows)); rows >= M are zero (cuBLAS wants the row count a multiple of 4). Same math as
+    """x [M, K] -> fp8 [rows, K] and float32 scales [rows, K / 128] (column-major, as cuBLAS wants them, from
+    the Triton kernel); rows >= M are zero (cuBLAS wants the row count a multiple of 4). Same math as
     `quantize_fp8_per_token_group`."""
     M, K = x.shape
+    if torch.compiler.is_compiling():
+        # Inside a compiled graph, plain torch ops: Inductor fuses them into the kernel that produces x (a layer
+        # norm, quick-GELU), so the activation is read once in bf16 and written once in fp8.
+        return quantize_fp8_per_token_group(F.pad(x, (0, 0, 0, rows - M)))
     q = torch.empty(rows, K, dtype=FP8_DTYPE, device=x.device)
     s = torch.empty(cdiv(K, BLOCK), rows, dtype=torch.float32, device=x.device)
     groups = 8
@@ -122,13 +127,29 @@ def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch
     recipe; the same math as `fp8_gemm_reference`."""
     M = x.shape[0]
     q, s = quantize_groups(x if x.stride(-1) == 1 else x.contiguous(), cdiv(M, 4) * 4)
-    # cuBLAS reads the weight's scales as [K / 128 rounded up to 4, N / 128], column-major.
+    # Dynamo cannot trace F.scaled_mm: a compiled graph calls it as an opaque op (eager skips the op's overhead).
+    mm = block_scaled_mm if torch.compiler.is_compiling() else _block_scaled_mm
+    out = mm(q, s, weight, weight_scale_inv, x.dtype)[:M]
+    return out if bias is None else out.add_(bias)
+
+
+def _block_scaled_mm(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    s = s.t().contiguous().t()  # cuBLAS reads activation scales column-major (a no-op for quantize_groups')
+    # and the weight's as [K / 128 rounded up to 4, N / 128], column-major.
     ws = weight_scale_inv
     if ws.shape[1] % 4:
         ws = F.pad(ws, (0, -ws.shape[1] % 4))
-    out = F.scaled_mm(q, weight.t(), s, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
-                      output_dtype=x.dtype)[:M]
-    return out if bias is None else out.add_(bias)
+    return F.scaled_mm(q, weight.t(), s, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
+                       output_dtype=out_dtype)
+
+
+block_scaled_mm = torch.library.custom_op("stepserve::block_scaled_mm", _block_scaled_mm, mutates_args=())
+
+
+@block_scaled_mm.register_fake
+def _block_scaled_mm_fake(q, s, weight, weight_scale_inv, out_dtype):
+    return q.new_empty(q.shape[0], weight.shape[0], dtype=out_dtype)
 
 
 # -- dequant: W to bf16 once, then cuBLAS -----------------------------------------------------------------

@@ -194,3 +194,32 @@ def test_real_size_fp8_close_to_bf16(tmp_path, report):
     assert results["rel_err_vision_rows"] < 1e-3  # the vision tower stays bf16, with the same weights
     assert results["bf16_weights_gib"] - results["fp8_weights_gib"] > 6.0  # 6.95 B decoder params at 1 byte
     assert results["rel_err_logits"] < 0.35 and results["top1_agreement"] >= 0.5, results
+
+
+def test_compiled_vision_tower_with_fp8_linears():
+    """An fp8 checkpoint may store the vision MLPs in fp8: the compiled tower traces their scaled_mm path whole
+    (no graph break: each one split the tower's graph) and computes what the eager kernels compute."""
+    import dataclasses
+
+    from torch._dynamo.utils import counters
+
+    from stepserve.layers.quant import Fp8Config
+    from stepserve.loader import init_dummy_weights
+    from stepserve.models.configs import VisionConfig
+    from stepserve.models.perception_encoder import PerceptionEncoder
+
+    cfg = dataclasses.replace(VisionConfig(), layers=3)
+    with torch.device(DEV):
+        tower = PerceptionEncoder(cfg, Fp8Config(online_prefixes=("vision_model.transformer.",))).to(torch.bfloat16)
+    init_dummy_weights(tower)
+    assert sum(isinstance(m, Fp8Linear) for m in tower.modules()) == 3 * 3  # out_proj, c_fc, c_proj per block
+    g = torch.Generator(device=DEV).manual_seed(0)
+    pixels = [torch.randn(1, 3, 728, 728, device=DEV, generator=g), torch.randn(2, 3, 504, 504, device=DEV, generator=g)]
+    with torch.inference_mode():
+        eager = torch.cat([x.flatten(0, 1) for x in tower(pixels)])
+        torch._dynamo.reset()
+        counters.clear()
+        tower.compile_blocks()
+        compiled = torch.cat([x.flatten(0, 1) for x in tower(pixels)])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert rel(compiled, eager) < 2e-2
