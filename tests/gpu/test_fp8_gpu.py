@@ -207,10 +207,11 @@ def test_compiled_vision_tower_with_fp8_linears():
     from stepserve.loader import init_dummy_weights
     from stepserve.models.configs import VisionConfig
     from stepserve.models.perception_encoder import PerceptionEncoder
+    from stepserve.models.qwen3 import dtype_scope
 
     cfg = dataclasses.replace(VisionConfig(), layers=3)
-    with torch.device(DEV):
-        tower = PerceptionEncoder(cfg, Fp8Config(online_prefixes=("vision_model.transformer.",))).to(torch.bfloat16)
+    with torch.device(DEV), dtype_scope(torch.bfloat16):
+        tower = PerceptionEncoder(cfg, Fp8Config(online_prefixes=("vision_model.transformer.",)))
     init_dummy_weights(tower)
     assert sum(isinstance(m, Fp8Linear) for m in tower.modules()) == 3 * 3  # out_proj, c_fc, c_proj per block
     g = torch.Generator(device=DEV).manual_seed(0)
