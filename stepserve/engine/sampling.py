@@ -10,9 +10,8 @@ same path with a seed the engine picks. One uniform per row costs three passes o
 cumsum) where Gumbel-max with per-token hashed noise would cost ~15 integer passes.
 
 Top-k / top-p / min-p become one cut value per row: tokens whose scaled logit is below it are dropped
-(ties with the cut value are kept). Cut values come from the sorted head of each row (torch.topk), so
-the full-vocabulary sort runs only for top-p rows whose nucleus is not inside their best
-_TOP_P_CANDIDATES tokens.
+(ties with the cut value are kept). Cut values come from the sorted head of each row (torch.topk) for
+top-k rows, from the whole sorted row for top-p rows without top-k. No step reads a value back to the host.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import torch
 from stepserve.engine.sampling_params import SamplingParams
 from stepserve.host_copy import to_device
 
-_TOP_P_CANDIDATES = 1024  # a top-p row (without top-k) first looks for its nucleus among its best 1024 tokens
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 _STEP_SALT = 0x9E3779B9
@@ -78,7 +76,7 @@ class _Cut:
     rows: torch.Tensor | None  # int64 [b]; None: every row of the batch
     top_k: torch.Tensor | None  # int64 [b]; None for the top-p-only group
     top_p: torch.Tensor  # float32 [b]; 2.0 (never reached) where off
-    max_k: int  # how many sorted candidates to take per row
+    max_k: int | None  # the largest top_k: sorted candidates taken per row; None for the top-p-only group
 
 
 @dataclass
@@ -166,8 +164,7 @@ class SamplingBatch:
             batch.top_k_cut = _Cut(row_index(top_k_rows), tensor(ks), tensor(top_p, torch.float32), max(ks))
         if top_p_rows:
             batch.top_p_cut = _Cut(row_index(top_p_rows), None,
-                                   tensor([params[i].top_p for i in top_p_rows], torch.float32),
-                                   min(_TOP_P_CANDIDATES, vocab_size))
+                                   tensor([params[i].top_p for i in top_p_rows], torch.float32), None)
         return batch
 
 
@@ -276,32 +273,26 @@ def _cut_values(scaled: torch.Tensor, row_max: torch.Tensor, batch: SamplingBatc
 
 
 def _group_cut(sub: torch.Tensor, group: _Cut) -> torch.Tensor:
+    if group.top_k is None:
+        # Top-p alone: the nucleus can hold any number of tokens, so the whole row is sorted. Looking in the best
+        # few first would need the rows they do not cover on the host (nonzero): the host waiting for the GPU.
+        vals = sub.sort(dim=-1, descending=True).values
+        return _nucleus_cut(vals, None, group.top_p, vals.logsumexp(dim=-1, keepdim=True))
     vals = sub.topk(group.max_k, dim=-1).values
-    if group.top_k is not None:
-        in_k = torch.arange(group.max_k, device=sub.device) < group.top_k.unsqueeze(1)
-        # top-p renormalises over the top-k survivors
-        log_norm = vals.masked_fill(~in_k, -math.inf).logsumexp(dim=-1, keepdim=True)
-        return _nucleus_cut(vals, in_k, group.top_p, log_norm)[0]
-    log_norm = sub.logsumexp(dim=-1, keepdim=True)
-    cut, covered = _nucleus_cut(vals, None, group.top_p, log_norm)
-    short = (~covered).nonzero().squeeze(1)
-    if short.numel():
-        full = sub.index_select(0, short).sort(dim=-1, descending=True).values
-        cut.index_copy_(0, short, _nucleus_cut(full, None, group.top_p[short], log_norm[short])[0])
-    return cut
+    in_k = torch.arange(group.max_k, device=sub.device) < group.top_k.unsqueeze(1)
+    # top-p renormalises over the top-k survivors
+    log_norm = vals.masked_fill(~in_k, -math.inf).logsumexp(dim=-1, keepdim=True)
+    return _nucleus_cut(vals, in_k, group.top_p, log_norm)
 
 
 def _nucleus_cut(vals: torch.Tensor, in_k: torch.Tensor | None, top_p: torch.Tensor,
-                 log_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """On descending candidates (in_k: the top-k ones, None for all): the value of the last token kept by
-    top-p (the token that crosses top_p is kept), and whether the candidates' mass reaches top_p (if not,
-    the cut lies beyond them)."""
+                 log_norm: torch.Tensor) -> torch.Tensor:
+    """On descending candidates (in_k: the top-k ones, None for the whole row): the value of the last token kept
+    by top-p (the token that crosses top_p is kept; if the mass never reaches top_p, the last candidate)."""
     probs = torch.exp(vals - log_norm)
     if in_k is not None:
         probs.masked_fill_(~in_k, 0.0)
-    mass = probs.cumsum(dim=-1)
-    keep = (mass - probs) < top_p.unsqueeze(1)
+    keep = (probs.cumsum(dim=-1) - probs) < top_p.unsqueeze(1)
     if in_k is not None:
         keep &= in_k
-    n_kept = keep.sum(dim=-1, keepdim=True)
-    return vals.gather(1, n_kept - 1), mass[:, -1] >= top_p
+    return vals.gather(1, keep.sum(dim=-1, keepdim=True) - 1)

@@ -74,16 +74,18 @@ def test_abort_and_page_accounting_exact(llm):
     assert engine.stats()["num_kv_pages_free"] == engine.stats()["num_kv_pages_total"]
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
-                                    SamplingParams(temperature=1.0, top_k=20, seed=1, max_tokens=3, ignore_eos=True)],
-                         ids=["greedy", "top_k"])
-def test_steps_never_wait_for_the_gpu_while_queueing(llm, params):
+@pytest.mark.parametrize("image_seed, params", [
+    (1001, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)),
+    (1000, SamplingParams(temperature=1.0, top_k=20, seed=1, max_tokens=3, ignore_eos=True)),
+    (1002, SamplingParams(temperature=1.0, top_p=0.9, seed=1, max_tokens=3, ignore_eos=True)),
+], ids=["greedy", "top_k", "top_p"])
+def test_steps_never_wait_for_the_gpu_while_queueing(llm, image_seed, params):
     """No synchronizing CUDA call on a step's path (vision + prefill, then decodes), torch's sync debug mode
     checking: a blocking copy there (there were two: the prefill's sampled-row index, the sampler's parameters)
     makes the host wait for the work it has just queued, then leaves the GPU idle while it queues the rest of
     the step. Only `collect` may wait, on the previous step's event."""
     engine = llm.engine
-    ids, images = engine.encode_prompt(WARMUP_PROMPT.format("<im_patch>"), [_warmup_image(1000 + params.greedy)])
+    ids, images = engine.encode_prompt(WARMUP_PROMPT.format("<im_patch>"), [_warmup_image(image_seed)])
     engine.add_request("no-sync", ids, images, params)
     steps = 0
     torch.cuda.set_sync_debug_mode("error")
