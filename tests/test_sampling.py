@@ -113,7 +113,8 @@ def test_top_k_top_p_min_p_keep_exactly_the_reference_support(top_k, top_p, min_
     assert ((counts - expected) ** 2 / expected).sum().item() < 35  # <= 11 dof: P(chi2 > 35) < 3e-4
 
 
-def test_top_p_nucleus_larger_than_the_candidate_head_falls_back_to_the_full_sort():
+def test_top_p_nucleus_of_more_than_a_thousand_tokens():
+    """A flat distribution's nucleus holds most of the vocabulary: every token in it can be drawn, none past it."""
     vocab = 3000
     logits = torch.linspace(1.0, 0.0, vocab)
     probs = torch.softmax(logits, dim=0)
