@@ -2,8 +2,6 @@
 
     python3 benchmarks/vision_tower.py [--compile] [--profile]   # the model's default options, 1 / 2 / 8 images
     python3 benchmarks/vision_tower.py --sweep [--budget 210]     # every variant below in one process
-    python3 benchmarks/vision_tower.py --compile --fp8-linears    # out_proj / c_fc / c_proj in block fp8, as an
-                                                                  # fp8 checkpoint may store them
 
 Linear FLOPs per image: patches x layers x 2 x (4 w^2 + 2 w mlp); attention adds 4 x L^2 x w per view and
 layer. Floor = FLOPs / 782 TFLOP/s (the measured bf16 GEMM ceiling). Timed with CUDA events after warm-up,
@@ -31,7 +29,6 @@ import torch
 
 from cuda_timing import median_ms
 
-from stepserve.layers.quant import Fp8Config
 from stepserve.loader import init_dummy_weights
 from stepserve.models.configs import Step3VLConfig
 from stepserve.models.perception_encoder import DEFAULT_OPTIONS, VisionOptions
@@ -121,11 +118,10 @@ def kernel_profile(fn, title: str) -> dict:
     return {"total_ms": total, "buckets": buckets, "top": sorted(per_kernel.items(), key=lambda kv: -kv[1])[:30]}
 
 
-def build_model(fp8_linears: bool = False):
+def build_model():
     config = Step3VLConfig.from_dict(real_config())
-    quant = Fp8Config(online_prefixes=("vision_model.transformer.",)) if fp8_linears else None
     with torch.device("cuda"):
-        model = Step3VL10BForCausalLM(config, torch.bfloat16, quant).eval()
+        model = Step3VL10BForCausalLM(config, torch.bfloat16).eval()
     init_dummy_weights(model)
     return model, config
 
@@ -246,18 +242,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile", action="store_true", help="torch.compile the blocks, as the server does")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--fp8-linears", action="store_true", help="the tower's make_linear layers in block fp8")
     ap.add_argument("--sweep", action="store_true", help="time every variant (see the module docstring)")
     ap.add_argument("--budget", type=float, default=210, help="sweep: skip variants that would end past this (s)")
     args = ap.parse_args()
     if args.sweep:
         sweep(args.budget)
         return
-    model, config = build_model(args.fp8_linears)
-    if args.fp8_linears:
-        from stepserve.kernels import install_triton_kernels
-
-        install_triton_kernels()
+    model, config = build_model()
     if args.compile:
         model.vision_model.compile_blocks()
     results = []
@@ -268,7 +259,7 @@ def main() -> None:
         flops = flops_per_image(config.vision) * images
         if args.profile and images == 2:
             kernel_profile(lambda: encode(model, inputs), "profile, 2 images")
-        results.append({"compiled": args.compile, "fp8_linears": args.fp8_linears, "images": images, "ms": ms, "images_per_s": images / ms * 1e3,
+        results.append({"compiled": args.compile, "images": images, "ms": ms, "images_per_s": images / ms * 1e3,
                         "tflops": flops / ms / 1e9, "floor_ms": flops / PEAK * 1e3})
         print(json.dumps(results[-1]))
     if os.environ.get("OUT"):
