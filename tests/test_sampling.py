@@ -187,3 +187,15 @@ def test_all_greedy_batch_builds_no_sampling_tensors():
                                 100, "cpu", [5])
     assert batch.all_greedy
     assert (batch.temperature, batch.uniforms, batch.penalties, batch.banned, batch.top_k_cut) == (None,) * 5
+
+
+@pytest.mark.parametrize("params", [SamplingParams(top_p=0.9), SamplingParams(top_k=5),
+                                    SamplingParams(top_k=5, top_p=0.5)], ids=["top_p", "top_k", "top_k_top_p"])
+def test_a_nan_row_does_not_fail_the_batch(params):
+    """A row of NaN logits (a broken forward) once made the top-k / top-p cut index -1: an error for the whole
+    batch (a device assert on CUDA). It now draws some token; the other rows draw what they draw alone."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    alone = sample(logits[1:], [params] * 2, seeds=[2, 3]).token_ids
+    logits[0] = float("nan")
+    tokens = sample(logits, [params] * 3, seeds=[1, 2, 3]).token_ids
+    assert 0 <= tokens[0] < 50 and torch.equal(tokens[1:], alone)

@@ -295,4 +295,5 @@ def _nucleus_cut(vals: torch.Tensor, in_k: torch.Tensor | None, top_p: torch.Ten
     keep = (probs.cumsum(dim=-1) - probs) < top_p.unsqueeze(1)
     if in_k is not None:
         keep &= in_k
-    return vals.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
+    # At least one: a NaN row (a broken forward) keeps nothing, and index -1 would take the whole batch down.
+    return vals.gather(1, keep.sum(dim=-1, keepdim=True).clamp_(min=1) - 1)
