@@ -52,14 +52,16 @@ def test_to_sampling_params():
     sp = P.to_sampling_params(chat(temperature=0, top_k=-1, min_p=0.1, repetition_penalty=1.1, seed=7, n=2,
                                    stop="END", stop_token_ids=[5], ignore_eos=True, min_tokens=2,
                                    logprobs=True, top_logprobs=3, skip_special_tokens=False, max_tokens=10),
-                              context_length=100, prompt_len=20)
+                              context_length=100, prompt_len=20, vocab_size=1000)
     assert (sp.temperature, sp.top_k, sp.min_p, sp.repetition_penalty, sp.seed, sp.n) == (0, -1, 0.1, 1.1, 7, 2)
     assert (sp.stop, sp.stop_token_ids, sp.ignore_eos, sp.min_tokens) == (["END"], [5], True, 2)
     assert (sp.logprobs, sp.skip_special_tokens, sp.max_tokens) == (3, False, 10)
-    assert P.to_sampling_params(chat(), 100, 20).max_tokens == 80  # None: the rest of the context
-    assert P.to_sampling_params(chat(logprobs=True), 100, 20).logprobs == 0
-    assert P.to_sampling_params(chat(max_completion_tokens=5, max_tokens=50), 100, 20).max_tokens == 5
-    assert P.to_sampling_params(chat(), 100, 20).temperature == 1.0
+    assert P.to_sampling_params(chat(), 100, 20, 1000).max_tokens == 80  # None: the rest of the context
+    assert P.to_sampling_params(chat(logprobs=True), 100, 20, 1000).logprobs == 0
+    assert P.to_sampling_params(chat(max_completion_tokens=5, max_tokens=50), 100, 20, 1000).max_tokens == 5
+    assert P.to_sampling_params(chat(), 100, 20, 1000).temperature == 1.0
+    assert P.to_sampling_params(chat(logit_bias={"5": -100, "999": 2.5}), 100, 20, 1000).logit_bias == \
+        {5: -100.0, 999: 2.5}
 
 
 @pytest.mark.parametrize("kw,prompt_len,param", [
@@ -71,10 +73,14 @@ def test_to_sampling_params():
     ({"n": 0}, 20, "n"),
     ({"max_tokens": 0}, 20, "max_tokens"),
     ({"logprobs": True, "top_logprobs": 50}, 20, "top_logprobs"),
+    ({"logit_bias": {"1000": 1.0}}, 20, "logit_bias"),  # past the vocabulary
+    ({"logit_bias": {"-1": 1.0}}, 20, "logit_bias"),
+    ({"logit_bias": {"abc": 1.0}}, 20, "logit_bias"),
+    ({"logit_bias": {"5": 101.0}}, 20, "logit_bias"),
 ])
 def test_sampling_errors(kw, prompt_len, param):
     with pytest.raises(InvalidRequestError) as e:
-        P.to_sampling_params(chat(**kw), 100, prompt_len)
+        P.to_sampling_params(chat(**kw), 100, prompt_len, 1000)
     assert e.value.param == param
 
 
@@ -86,7 +92,7 @@ def test_completion_request():
         P.parse_request(P.CompletionRequest, {"prompt": ""}).prompts()
     assert e.value.param == "prompt"
     with pytest.raises(InvalidRequestError) as e:
-        P.to_sampling_params(P.parse_request(P.CompletionRequest, {"prompt": "x"}), 10, 10)
+        P.to_sampling_params(P.parse_request(P.CompletionRequest, {"prompt": "x"}), 10, 10, 1000)
     assert e.value.param == "prompt"
 
 

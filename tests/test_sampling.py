@@ -3,6 +3,7 @@ import torch
 
 from stepserve.engine.sampling import Sampler, SamplingBatch, uniforms
 from stepserve.engine.sampling_params import SamplingParams
+from stepserve.errors import InvalidRequestError
 
 SAMPLER = Sampler()
 
@@ -199,3 +200,24 @@ def test_a_nan_row_does_not_fail_the_batch(params):
     logits[0] = float("nan")
     tokens = sample(logits, [params] * 3, seeds=[1, 2, 3]).token_ids
     assert 0 <= tokens[0] < 50 and torch.equal(tokens[1:], alone)
+
+
+def test_logit_bias_is_added_before_everything_else_and_only_to_its_row():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(5))
+    best = logits.argmax(dim=-1)
+    forced, banned = (int(best[0]) + 7) % 50, int(best[1])
+    params = [SamplingParams(temperature=0.0, logit_bias={forced: 100.0}, logprobs=0),
+              SamplingParams(temperature=0.0, logit_bias={banned: -100.0}, logprobs=0),
+              SamplingParams(temperature=0.0, logprobs=0)]
+    out = sample(logits.clone(), params)
+    second = int(logits[1].topk(2).indices[1])
+    assert out.token_ids.tolist() == [forced, second, int(best[2])]
+    assert out.logprobs[0].item() > -1e-3  # the logprobs are of the biased distribution
+    # Sampled rows: a token at -100 is never drawn, whatever the seed.
+    top = int(logits[0].argmax())
+    row = [SamplingParams(temperature=1.0, logit_bias={top: -100.0})] * 2000
+    drawn = sample(logits[0].expand(2000, -1).clone(), row, seeds=list(range(2000))).token_ids
+    assert top not in drawn.tolist()
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(logit_bias={3: 150.0})
+    assert e.value.param == "logit_bias"

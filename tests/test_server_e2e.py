@@ -439,6 +439,23 @@ def test_completions_and_models(real_server):
     assert "".join(texts) == r["choices"][0]["text"]
 
 
+def test_logit_bias_forces_and_bans_tokens(real_server):
+    """OpenAI's logit_bias (token id strings -> added to the logits): +100 makes a token certain at temperature
+    0, -100 keeps it out even then."""
+    body = {"model": SEED_MODEL, "prompt": [11, 12, 13], "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "logprobs": 0}
+
+    def tokens(**extra) -> list[str]:
+        r = httpx.post(real_server.base_url + "/v1/completions", json={**body, **extra}, timeout=60).json()
+        return r["choices"][0]["logprobs"]["tokens"]
+
+    plain = tokens()
+    forced = tokens(logit_bias={"42": 100})
+    assert len(set(forced)) == 1 and forced[0] not in plain
+    assert forced[0] not in tokens(logit_bias={"42": -100, "43": -100, "44": -100})
+    assert tokens(logit_bias={"42": -100, "43": 100})[0] not in (forced[0], plain[0])
+
+
 # --- load: concurrent streams, some clients leaving ------------------------------------------------
 def test_concurrent_streams_with_disconnects(real_server):
     """50 streams at once; 10 clients hang up after a few chunks. The other 40 complete in full, the 10 are
@@ -617,6 +634,8 @@ ERROR_CASES = {
     "tool_choice_unknown": (user("hi", tools=TOOLS, tool_choice={"type": "function", "function": {"name": "g"}}),
                             400, "tool_choice.function.name", "'g'"),
     "unknown_model": (user("hi", model="gpt-4o"), 404, "model", "gpt-4o"),
+    "logit_bias_not_a_token": (user("hi", logit_bias={"10000000": 5}), 400, "logit_bias", "10000000"),
+    "logit_bias_too_large": (user("hi", logit_bias={"5": 500}), 400, "logit_bias", "[-100, 100]"),
 }
 
 

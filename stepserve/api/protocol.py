@@ -56,6 +56,7 @@ class _SamplingFields(_Request):
     min_tokens: int = 0
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     stream: bool = False
@@ -139,8 +140,9 @@ class CompletionRequest(_SamplingFields):
 
 
 def to_sampling_params(req: ChatCompletionRequest | CompletionRequest, context_length: int,
-                       prompt_len: int) -> SamplingParams:
-    """The engine's SamplingParams for a request; output length checked against the context."""
+                       prompt_len: int, vocab_size: int) -> SamplingParams:
+    """The engine's SamplingParams for a request; output length checked against the context, logit_bias's
+    keys against the vocabulary."""
     room = context_length - prompt_len
     if room < 1:
         raise InvalidRequestError(f"the prompt has {prompt_len} tokens, which leaves no room in the context of "
@@ -156,7 +158,20 @@ def to_sampling_params(req: ChatCompletionRequest | CompletionRequest, context_l
         "frequency_penalty": req.frequency_penalty, "seed": req.seed}.items() if v is not None}
     return SamplingParams(n=req.n, max_tokens=room if limit is None else limit, min_tokens=req.min_tokens,
                           stop=req.stop or [], stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
-                          logprobs=req.num_logprobs, skip_special_tokens=req.skip_special_tokens, **given)
+                          logprobs=req.num_logprobs, skip_special_tokens=req.skip_special_tokens,
+                          logit_bias=_logit_bias(req.logit_bias or {}, vocab_size), **given)
+
+
+def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias (token id strings -> values) as token ids, each checked to be in the vocabulary."""
+    out = {}
+    for key, value in bias.items():
+        token = int(key) if key.isascii() and key.isdigit() else -1
+        if not 0 <= token < vocab_size:
+            raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab_size}), got {key!r}",
+                                      param="logit_bias")
+        out[token] = value
+    return out
 
 
 _FIELD = re.compile(r"[a-z_][a-z0-9_]*")  # OpenAI field names; union tags are type or class names

@@ -149,7 +149,7 @@ class Serving:
         images, text_ids = await asyncio.gather(self._prepare_images(sources, image_part_params(req.messages)),
                                                 self._in_pool(self._tokenize, prompt))
         ids = self._expand(text_ids, images)
-        params = P.to_sampling_params(req, self.engine.context_length, len(ids))
+        params = P.to_sampling_params(req, self.engine.context_length, len(ids), len(self.engine.tokenizer))
         rid = P.new_id("chatcmpl-")
         stream = _Generation(self, rid, t0, self.engine.generate(ids, images, params, rid, prompt=prompt))
         await stream.start()
@@ -227,7 +227,7 @@ class Serving:
         if len(prompts) != 1:
             raise InvalidRequestError("one prompt per request (send several requests to batch)", param="prompt")
         ids = self._expand(await self._in_pool(self._tokenize, prompts[0]), [])
-        params = P.to_sampling_params(req, self.engine.context_length, len(ids))
+        params = P.to_sampling_params(req, self.engine.context_length, len(ids), len(self.engine.tokenizer))
         rid = P.new_id("cmpl-")
         stream = _Generation(self, rid, t0, self.engine.generate(ids, [], params, rid))
         await stream.start()

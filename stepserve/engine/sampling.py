@@ -1,6 +1,6 @@
 """The sampler: logits [B, V] -> one token per row, in a fixed number of batched tensor passes.
 
-Order per row: repetition / presence / frequency penalties, min_tokens bans, (logprobs are read here),
+Order per row: logit_bias, repetition / presence / frequency penalties, min_tokens bans, (logprobs are read here),
 temperature, top-k, top-p, min-p, draw. Greedy rows (temperature 0 or top_k 1) take the argmax.
 
 The draw is an inverse-CDF sample with ONE uniform per row, u = hash(seed, step), computed with integer
@@ -103,6 +103,7 @@ class SamplingBatch:
     top_p_cut: _Cut | None  # rows with top-p and no top-k
     penalties: _Penalties | None
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) forced to -inf this step
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, float32 logit_bias values)
     num_logprobs: int | None  # the largest top-logprobs count asked for; None when no row wants logprobs
 
     @classmethod
@@ -115,7 +116,7 @@ class SamplingBatch:
         has fewer than min_tokens tokens they and its stop_token_ids are banned (eos only without ignore_eos).
         prompt_ids is read only for rows with a repetition penalty.
         """
-        greedy, sampled, top_k_rows, top_p_rows, pen_rows, ban_pairs = [], [], [], [], [], []
+        greedy, sampled, top_k_rows, top_p_rows, pen_rows, ban_pairs, biases = [], [], [], [], [], [], []
         any_min_p, num_logprobs = False, None
         for i, p in enumerate(params):
             if p.greedy:
@@ -134,6 +135,7 @@ class SamplingBatch:
                 ban_pairs.extend((i, t) for t in ids if 0 <= t < vocab_size)
             if p.logprobs is not None:
                 num_logprobs = max(num_logprobs or 0, p.logprobs)
+            biases.extend((i, t, b) for t, b in p.logit_bias.items() if t < vocab_size)
 
         def tensor(values, dtype=torch.int64) -> torch.Tensor:
             return to_device(torch.tensor(values, dtype=dtype), device)
@@ -146,7 +148,10 @@ class SamplingBatch:
 
         batch = cls(all_greedy=not sampled, greedy_rows=None, temperature=None, uniforms=None, log_min_p=None,
                     top_k_cut=None, top_p_cut=None, penalties=None, num_logprobs=num_logprobs,
-                    banned=tensor(list(zip(*ban_pairs))).unbind(0) if ban_pairs else None)
+                    banned=tensor(list(zip(*ban_pairs))).unbind(0) if ban_pairs else None, bias=None)
+        if biases:
+            rows, ids, values = zip(*biases)
+            batch.bias = tensor(rows), tensor(ids), tensor(values, torch.float32)
         if pen_rows:
             batch.penalties = _build_penalties(params, pen_rows, output_ids, prompt_ids, vocab_size, device)
         if not sampled:
@@ -211,7 +216,11 @@ class Sampler:
     """Stateless; `sample` overwrites `logits` (penalties, bans, then the sampling weights) to save [B, V] copies."""
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
-        """Logprobs are of the distribution after penalties and min_tokens bans, before temperature and cuts."""
+        """Logprobs are of the distribution after logit_bias, penalties and min_tokens bans, before temperature
+        and cuts."""
+        if batch.bias is not None:
+            rows, ids, values = batch.bias
+            logits.index_put_((rows, ids), values.to(logits.dtype), accumulate=True)
         if batch.penalties is not None:
             _apply_penalties(logits, batch.penalties)
         if batch.banned is not None:

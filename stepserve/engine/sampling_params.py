@@ -26,6 +26,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k >= 0: the sampled token's logprob plus the top k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -64,6 +65,9 @@ class SamplingParams:
             bad("top_logprobs", f"must be in [0, 20], got {self.logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be non-empty strings")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or token < 0 or not -100.0 <= bias <= 100.0:
+                bad("logit_bias", f"maps token ids >= 0 to values in [-100, 100], got {token}: {bias}")
 
     @property
     def greedy(self) -> bool:
