@@ -17,3 +17,20 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if torch.device(device).type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def to_device_aligned(parts: list[list[int]], dtype: torch.dtype, device: torch.device | str) -> list[torch.Tensor]:
+    """The lists as 1-D tensors on `device`, from one buffer in one copy, each starting 16-byte aligned.
+
+    Triton specializes pointer arguments on 16-byte alignment: a slice whose start moved with the batch size or
+    token count would build another variant of each kernel reading it, on some user's request (measured: 0.45 s
+    for the rotary kernel, 1.35 s for the extend kernel)."""
+    per = 16 // torch.empty((), dtype=dtype).element_size()
+    flat: list[int] = []
+    starts = []
+    for part in parts:
+        starts.append(len(flat))
+        flat.extend(part)
+        flat.extend([0] * (-len(flat) % per))
+    buf = to_device(torch.tensor(flat, dtype=dtype), device)
+    return [buf[s : s + len(p)] for s, p in zip(starts, parts)]

@@ -14,8 +14,8 @@ from stepserve.engine.cuda_graph import DecodeGraphs
 from stepserve.engine.request import Sequence
 from stepserve.engine.sampling import Sampler, SamplingBatch, mask_padded_vocab
 from stepserve.engine.scheduler import ScheduledBatch
-from stepserve.host_copy import to_device
-from stepserve.layers.attention import build_context, forward_context, slot_of, to_device_aligned
+from stepserve.host_copy import to_device, to_device_aligned
+from stepserve.layers.attention import build_context, forward_context, slot_of
 from stepserve.multimodal.encoder_cache import EncoderCache
 from stepserve.multimodal.processor import ImageInput, pixel_inputs
 

@@ -220,7 +220,7 @@ class Sampler:
         and cuts."""
         if batch.bias is not None:
             rows, ids, values = batch.bias
-            logits.index_put_((rows, ids), values.to(logits.dtype), accumulate=True)
+            logits.index_put_((rows, ids), values, accumulate=True)  # both float32
         if batch.penalties is not None:
             _apply_penalties(logits, batch.penalties)
         if batch.banned is not None:

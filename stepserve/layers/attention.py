@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stepserve.host_copy import to_device
+from stepserve.host_copy import to_device, to_device_aligned
 from stepserve.layers.dispatch import dispatched
 from stepserve.layers.rotary import qk_norm_rope
 
@@ -68,23 +68,6 @@ def forward_context(ctx: ForwardContext):
 def slot_of(pages: list[int], position: int, page_size: int) -> int:
     """The cache slot of a sequence's token at `position`, given the sequence's pages."""
     return pages[position // page_size] * page_size + position % page_size
-
-
-def to_device_aligned(parts: list[list[int]], dtype: torch.dtype, device: torch.device | str) -> list[torch.Tensor]:
-    """The lists as 1-D tensors on `device`, from one buffer in one copy, each starting 16-byte aligned.
-
-    Triton specializes pointer arguments on 16-byte alignment: a slice whose start moved with the batch size or
-    token count would build another variant of each kernel reading it, on some user's request (measured: 0.45 s
-    for the rotary kernel, 1.35 s for the extend kernel)."""
-    per = 16 // torch.empty((), dtype=dtype).element_size()
-    flat: list[int] = []
-    starts = []
-    for part in parts:
-        starts.append(len(flat))
-        flat.extend(part)
-        flat.extend([0] * (-len(flat) % per))
-    buf = to_device(torch.tensor(flat, dtype=dtype), device)
-    return [buf[s : s + len(p)] for s, p in zip(starts, parts)]
 
 
 def build_context(q_lens: list[int], kv_lens: list[int], block_tables: list[list[int]], page_size: int,
