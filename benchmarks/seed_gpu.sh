@@ -35,7 +35,8 @@ BENCH="python3 -m stepserve.bench_serving --backend sglang-oai-chat --host 127.0
   --model stepfun-ai/Step3-VL-10B --tokenizer $MODEL_DIR --dataset-name image --image-count 2 \
   --image-resolution 720p --random-input-len 128 --random-output-len 1024 --disable-tqdm --output-details"
 if has latency || has throughput; then
-  python3 -m stepserve.launch_server --model "$MODEL_DIR" --load-format dummy --served-model-name stepfun-ai/Step3-VL-10B \
+  # TORCH_LOGS: a torch.compile recompile while serving (a user waits for it) shows in the server log.
+  TORCH_LOGS=${TORCH_LOGS:-recompiles} python3 -m stepserve.launch_server --model "$MODEL_DIR" --load-format dummy --served-model-name stepfun-ai/Step3-VL-10B \
     --host 127.0.0.1 --port 30000 --context-length 32768 ${SERVER_FLAGS:-} > "$OUT/server.log" 2>&1 &
   SERVER=$!
   for _ in $(seq 300); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done
@@ -47,6 +48,7 @@ if has latency || has throughput; then
   if has throughput; then
     $BENCH --num-prompts "${NUM_PROMPTS_TP:-1000}" --max-concurrency 100 --output-file "$OUT/bench.jsonl" 2>&1 \
       | tee "$OUT/throughput.txt"
+    python3 benchmarks/itl_stalls.py "$OUT/bench.jsonl" --server-log "$OUT/server.log" 2>&1 | tee "$OUT/itl_stalls.txt"
   fi
   curl -s localhost:30000/metrics > "$OUT/metrics.txt"
   kill -INT $SERVER; wait $SERVER

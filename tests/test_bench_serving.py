@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -110,6 +111,10 @@ def test_seed_image_command_end_to_end(tok_dir, tmp_path, capsys):
     assert len(result["ttfts"]) == len(result["itls"]) == len(result["generated_texts"]) == 4
     # the server may see the concurrent requests in another order than they were created
     assert sorted(len(itl) for itl in result["itls"]) == sorted(b["max_tokens"] - 1 for b in measured)
+    # the timeline: concurrency 2 starts two requests at once, the others as earlier ones end
+    starts = sorted(result["start_times"])
+    assert starts[0] == 0.0 and starts[1] < 0.05 and 0 < starts[2] <= float(rows["Benchmark duration (s):"])
+    assert abs(result["start_unix_time"] - time.time()) < 60
 
 
 def test_timing_reasoning_and_usage_lengths(tok_dir, tmp_path, capsys):

@@ -189,6 +189,24 @@ def test_warm_up_without_room_for_the_image_runs_text_only(caplog):
     assert engine.stats()["num_kv_pages_free"] == engine.stats()["num_kv_pages_total"] and not engine.pool.page_of
 
 
+def test_a_slow_step_is_logged_with_what_it_ran(llm, monkeypatch, caplog):
+    """A step past SLOW_STEP_S holds every stream back: the log says how long and what the step held."""
+    import stepserve.engine.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "SLOW_STEP_S", 0.0)
+    with caplog.at_level(logging.WARNING, logger="stepserve.engine.engine"):
+        llm.generate([{"prompt": "<im_patch> a picture", "images": [make_image(0)]}], GREEDY, use_tqdm=False)
+    first = re.search(r"slow engine step: [\d.]+ s to launch 1 sequences \((\d+) tokens, 1 images to encode\)",
+                      caplog.text)
+    assert first and int(first.group(1)) > 100  # the whole prompt, image rows included, in one chunk
+    assert "to launch 1 sequences (1 tokens, 0 images to encode)" in caplog.text  # then decode steps
+    monkeypatch.setattr(engine_mod, "SLOW_STEP_S", 60.0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stepserve.engine.engine"):
+        llm.generate(["quick"], GREEDY, use_tqdm=False)
+    assert "slow engine step" not in caplog.text
+
+
 def test_vision_runs_in_bounded_passes(llm, monkeypatch):
     """Many images in one step go through the tower a few at a time, with the same embeddings as one pass."""
     from stepserve.engine import model_runner

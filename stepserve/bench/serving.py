@@ -204,7 +204,12 @@ def result_line(args: argparse.Namespace, summary: dict[str, Any], records: list
         "random_range_ratio": args.random_range_ratio, **summary,
     }
     if args.output_details:
+        # Request start times, as seconds after the first and as one wall-clock anchor, place each request's
+        # tokens on the run's timeline (and next to the server's log lines).
+        t0 = min((r.start_time for r in records if r.start_time), default=0.0)
         line.update({
+            "start_unix_time": time.time() - (time.perf_counter() - t0),
+            "start_times": [r.start_time - t0 if r.start_time else None for r in records],
             "input_lens": [r.prompt_len for r in records],
             "output_lens": [r.output_len if r.success else 0 for r in records],
             "ttfts": [r.ttft for r in records],

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 WARMUP_PROMPT = "Describe {} in one sentence."
 WARMUP_TOKENS = 4
 WARMUP_SIZE = (1280, 720)  # the benchmarks' image: a global view and 3 x 2 crops
+SLOW_STEP_S = 1.0  # a step this long holds every stream's next token back as long: worth a log line
 
 
 def _warmup_image(seed: int) -> Image.Image:
@@ -207,6 +208,7 @@ class Engine:
         outputs) never leaves the GPU idle. A sequence that stopped at N has computed one token too many;
         it is dropped. Penalties need every earlier token on the host, so those steps run one at a time.
         """
+        began = time.perf_counter()
         outputs = []
         if self.launched is not None and any(s.needs_history for s in self.scheduler.running):
             outputs, self.launched = self._take(self.launched), None
@@ -220,6 +222,11 @@ class Engine:
         previous, self.launched = self.launched, launched
         if previous is not None:
             outputs += self._take(previous)
+        took = time.perf_counter() - began
+        if took > SLOW_STEP_S:
+            log.warning("slow engine step: %.2f s to launch %d sequences (%d tokens, %d images to encode) and take "
+                        "in the step before; %d running, %d waiting", took, len(batch), batch.num_tokens,
+                        len(batch.images), len(self.scheduler.running), len(self.scheduler.waiting))
         return outputs
 
     def _take(self, launched) -> list[RequestOutput]:
