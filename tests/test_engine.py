@@ -195,7 +195,7 @@ def test_a_slow_step_is_logged_with_what_it_ran(llm, monkeypatch, caplog):
 
     monkeypatch.setattr(engine_mod, "SLOW_STEP_S", 0.0)
     with caplog.at_level(logging.WARNING, logger="stepserve.engine.engine"):
-        llm.generate([{"prompt": "<im_patch> a picture", "images": [make_image(0)]}], GREEDY, use_tqdm=False)
+        llm.generate([{"prompt": "<im_patch> a slow picture", "images": [make_image(77)]}], GREEDY, use_tqdm=False)
     first = re.search(r"slow engine step: [\d.]+ s to launch 1 sequences \((\d+) tokens, 1 images to encode\)",
                       caplog.text)
     assert first and int(first.group(1)) > 100  # the whole prompt, image rows included, in one chunk
