@@ -209,3 +209,41 @@ def test_window_stays_short_on_a_stream_of_undecodable_bytes(tiny_tokenizer):
     out = "".join(stream(IncrementalDetokenizer(counting, []), ids, [1] * len(ids)))
     assert out == tiny_tokenizer.decode(ids) == "\ufffd" * 300
     assert counting.longest <= 70
+
+
+def byte_token_ids(tokenizer) -> list[int]:
+    """The ids of the 256 single-byte tokens of a byte-level BPE."""
+    from tokenizers import pre_tokenizers
+
+    return [tokenizer.convert_tokens_to_ids(c) for c in sorted(pre_tokenizers.ByteLevel.alphabet())]
+
+
+def test_byte_streams_match_decode_at_every_split(tokenizer):
+    """Streams of single bytes (lead, continuation and invalid ones) with some whole tokens: the released text
+    of a byte-level decoder is never changed by what follows it, however the ids arrive."""
+    rng = random.Random(1)
+    singles = byte_token_ids(tokenizer)
+    whole = tokenizer.encode("a 你好 😀 é")
+    for _ in range(150):
+        ids = [rng.choice(singles) if rng.random() < 0.8 else rng.choice(whole) for _ in range(rng.randint(1, 90))]
+        chunks = [rng.randint(1, 3) for _ in range(len(ids))]
+        detok = IncrementalDetokenizer(tokenizer, [rng.choice(singles) for _ in range(3)])
+        assert "".join(stream(detok, ids, chunks)) == tokenizer.decode(ids)
+
+
+def test_undecodable_bytes_go_out_a_few_tokens_later(tiny_tokenizer):
+    """A model emitting bytes that never form a character (dummy weights do): their U+FFFD go out once an
+    incomplete character's 3 bytes could no longer be among them (at most 4 tokens later), not after 64."""
+    lead_byte = tiny_tokenizer.convert_tokens_to_ids("ð")  # 0xF0: a 4-byte lead, never completed here
+    detok = IncrementalDetokenizer(tiny_tokenizer, tiny_tokenizer.encode("Hi"))
+    deltas = [detok.add([lead_byte]) for _ in range(200)]
+    assert deltas[:4] == [""] * 4 and "".join("x" if d else "-" for d in deltas).count("-----") == 0
+    assert "".join(deltas) + detok.flush() == "\ufffd" * 200
+    # a real character split over byte tokens still waits for its last byte, and never comes out as U+FFFD
+    pieces = [tiny_tokenizer.convert_tokens_to_ids(c) for c in tiny_tokenizer.convert_ids_to_tokens(
+        tiny_tokenizer.encode("😀"))]
+    ids = [lead_byte] * 6 + [t for t in byte_token_ids(tiny_tokenizer) if tiny_tokenizer.decode([t]) == "a"] + pieces
+    detok = IncrementalDetokenizer(tiny_tokenizer, [])
+    out = [detok.add([t]) for t in ids]
+    assert "".join(out) + detok.flush() == tiny_tokenizer.decode(ids) == "\ufffd" * 6 + "a😀"
+    assert "😀" in out[-1]

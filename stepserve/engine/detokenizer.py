@@ -15,6 +15,7 @@ _REPLACEMENT = "\ufffd"
 _CONTEXT_TOKENS = 4  # tokens kept ahead of the new ones: decoders drop or add spaces by left context
 _SLIDE_AT = 16  # the window restarts from its last _CONTEXT_TOKENS once it is this long
 _MAX_HELD_TOKENS = 64  # a U+FFFD tail this long is invalid bytes, not a character still arriving
+_MAX_INCOMPLETE = 3  # bytes of a UTF-8 character that can still await the rest (a 4-byte one's first 3)
 
 
 class IncrementalDetokenizer:
@@ -24,6 +25,11 @@ class IncrementalDetokenizer:
     of U+FFFD: an incomplete UTF-8 sequence decodes as U+FFFD until its last byte arrives, and text before
     that run can no longer change. `_done` counts the window's characters already handed out. Ids the
     tokenizer does not know (padded vocabulary rows, negatives) are dropped.
+
+    A byte-level decoder (GPT-2 / Qwen BPE) maps the tokens' bytes to text as lossy UTF-8, where later bytes
+    change only an incomplete character at the very end. There a U+FFFD run that is invalid bytes goes out
+    once tokens follow it, instead of after _MAX_HELD_TOKENS: a model emitting undecodable bytes would
+    otherwise hold its stream back for that many steps.
     """
 
     def __init__(self, tokenizer: Any, prompt_ids: list[int], skip_special_tokens: bool = True):
@@ -32,6 +38,7 @@ class IncrementalDetokenizer:
         # wrapper also rewrites spaces around punctuation.
         cleans_spaces = getattr(tokenizer, "clean_up_tokenization_spaces", False)
         self._decoder = backend if backend is not None and not cleans_spaces else tokenizer
+        self._lossy_bytes = backend is not None and type(backend.decoder).__name__ == "ByteLevel"
         self._skip_special = skip_special_tokens
         self._vocab_size = len(tokenizer)
         self._window = self._known(prompt_ids[-_CONTEXT_TOKENS:])
@@ -48,8 +55,8 @@ class IncrementalDetokenizer:
         self._window.extend(new)
         text = self._decode(self._window)
         final = len(text.rstrip(_REPLACEMENT))
-        if final < len(text) and len(self._window) > _MAX_HELD_TOKENS:
-            final = len(text)
+        if final < len(text):
+            final = len(text) if len(self._window) > _MAX_HELD_TOKENS else max(final, self._settled(text))
         delta = text[self._done : final]
         self._done = max(self._done, final)
         if final == len(text) and len(self._window) >= _SLIDE_AT:
@@ -63,6 +70,16 @@ class IncrementalDetokenizer:
         delta = text[self._done :]
         self._done = len(text)
         return delta
+
+    def _settled(self, text: str) -> int:
+        """For a lossy byte decoder, the length of `text` (the window's, ending in U+FFFD) that no later token
+        can change: what all tokens but the last decode to, less its last _MAX_INCOMPLETE U+FFFD at most (an
+        incomplete character there that the last token continues). 0 for other decoders."""
+        if not self._lossy_bytes or len(self._window) < 2:
+            return 0
+        head = self._decode(self._window[:-1])
+        cut = max(len(head.rstrip(_REPLACEMENT)), len(head) - _MAX_INCOMPLETE)
+        return cut if text.startswith(head[:cut]) else 0
 
     def _known(self, token_ids: list[int]) -> list[int]:
         return [t for t in token_ids if 0 <= t < self._vocab_size]
