@@ -6,6 +6,8 @@ At real size with dummy weights: one vision pass (two 1280x720 images: 2 views +
 step (CUDA-graph replay at `--batch` sequences of `--prompt` tokens) timed alone, then `--passes` vision passes
 and `--steps` decode steps queued together on two streams (each variant below), against running them one
 after the other. `--attention` also times the vision attention shapes with head_dim 96 against 128 (zero-padded).
+`--alone-sms` times a decode step and a vision pass each alone in a green context of so many SMs: how much of
+its speed decode keeps on a few SMs (it is bound by memory, not by SMs) bounds what an SM split could gain.
 """
 
 import argparse
@@ -45,6 +47,19 @@ def together(vision, decode, passes: int, steps: int, vs: torch.cuda.Stream, ds:
     return {k: round(start.elapsed_time(e), 1) for k, e in ends.items()}
 
 
+def green_stream(sms: int):
+    """A stream whose kernels run on `sms` SMs only, and the green context that must outlive it."""
+    from torch.cuda.green_contexts import GreenContext
+
+    gc = GreenContext.create(sms, 0)
+    if hasattr(gc, "Stream"):
+        return gc.Stream(), gc
+    gc.set_context()  # torch 2.10's API: a stream made while the green context is current belongs to it
+    stream = torch.cuda.Stream()
+    gc.pop_context()
+    return stream, gc
+
+
 def attention_shapes(out: dict) -> None:
     """SDPA over the tower's sequences (views 2 x 2704, crops 12 x 1296 tokens, 16 heads): d 96 vs padded 128."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -78,6 +93,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--green-sms", default="96,112,120", help="SMs for vision in a green context (0: skip)")
     ap.add_argument("--attention", action="store_true", help="also time SDPA at the tower's shapes, d 96 vs 128")
+    ap.add_argument("--alone-sms", default="", help="SM counts: decode and vision each alone in such a green context")
     args = ap.parse_args()
     out: dict = {}
     if args.attention:
@@ -111,21 +127,20 @@ def main() -> None:
     serial = args.passes * out["vision_ms"] + args.steps * out["decode_ms"]
     out["serial_ms"] = round(serial, 1)
     print(json.dumps(out))
+    for sms in [int(s) for s in args.alone_sms.split(",") if s]:
+        stream, gc = green_stream(sms)
+        with torch.cuda.stream(stream):
+            alone = {"decode_ms": median_ms(graph.replay, 30), "vision_ms": median_ms(vision, 5)}
+        out[f"alone in {sms} SMs"] = alone
+        print(f"alone in a {sms}-SM green context: {json.dumps(alone)}")
+        del gc
     variants = {"same priority": (torch.cuda.Stream(), torch.cuda.Stream()),
                 "decode high priority": (torch.cuda.Stream(priority=0), torch.cuda.Stream(priority=-1))}
     keep = []  # a green context is destroyed with its Python object
     for sms in [int(s) for s in args.green_sms.split(",") if int(s)]:
         try:
-            from torch.cuda.green_contexts import GreenContext
-
-            gc = GreenContext.create(sms, 0)
+            vs, gc = green_stream(sms)
             keep.append(gc)
-            if hasattr(gc, "Stream"):
-                vs = gc.Stream()
-            else:  # torch 2.10's API: a stream made while the green context is current belongs to it
-                gc.set_context()
-                vs = torch.cuda.Stream()
-                gc.pop_context()
             variants[f"vision in a {sms}-SM green context"] = (vs, torch.cuda.Stream(priority=-1))
         except Exception as e:  # noqa: BLE001 - report whatever this torch / driver lacks and go on
             print(f"green context {sms}: {type(e).__name__}: {str(e)[:120]}")
