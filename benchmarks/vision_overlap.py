@@ -130,11 +130,11 @@ def main() -> None:
     padded = next(s for s in graphs.sizes if s >= args.batch)
     for sms in [int(s) for s in args.alone_sms.split(",") if s]:
         stream, gc = green_stream(sms)
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), torch.inference_mode():
             # A graph replays where it was captured: the engine's would use every SM, so capture one here.
             graphs._forward(padded)
             local = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(local, stream=stream):
+            with torch.cuda.graph(local, stream=stream):
                 graphs._forward(padded)
             alone = {"decode_ms": median_ms(local.replay, 30), "vision_ms": median_ms(vision, 5)}
         out[f"alone in {sms} SMs"] = alone
