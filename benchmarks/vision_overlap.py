@@ -8,9 +8,12 @@ and `--steps` decode steps queued together on two streams (each variant below), 
 after the other. `--attention` also times the vision attention shapes with head_dim 96 against 128 (zero-padded).
 `--alone-sms` times a decode step and a vision pass each alone in a green context of so many SMs: how much of
 its speed decode keeps on a few SMs (it is bound by memory, not by SMs) bounds what an SM split could gain.
+`--split K` gives decode K SMs and vision the rest (two disjoint green contexts, made with the driver API), times
+each alone there, then both together, and prints the request rate the seed's mix would reach with lanes split so.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import time
@@ -60,6 +63,37 @@ def green_stream(sms: int):
     return stream, gc
 
 
+def disjoint_streams(sms: int) -> tuple[torch.cuda.ExternalStream, torch.cuda.ExternalStream, list]:
+    """Two streams on disjoint SMs of device 0: one on `sms` SMs, one on all the others; and the handles to keep.
+
+    torch's GreenContext.create takes its SMs from the whole device each time, so two of them may share SMs; the
+    driver's split returns a group and the remaining SMs, one green context each.
+    """
+    cuda = ctypes.CDLL("libcuda.so.1")
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            raise RuntimeError(f"{what} failed: CUresult {result}")
+
+    # CUdevResource is ~144 bytes (larger in newer drivers): generous zeroed buffers hold one each.
+    whole, group, rest = (ctypes.create_string_buffer(4096) for _ in range(3))
+    device = ctypes.c_int()
+    check(cuda.cuDeviceGet(ctypes.byref(device), 0), "cuDeviceGet")
+    check(cuda.cuDeviceGetDevResource(device, whole, 1), "cuDeviceGetDevResource")  # 1: CU_DEV_RESOURCE_TYPE_SM
+    groups = ctypes.c_uint(1)
+    check(cuda.cuDevSmResourceSplitByCount(group, ctypes.byref(groups), whole, rest, 0, sms),
+          "cuDevSmResourceSplitByCount")
+    streams, keep = [], []
+    for resource in (group, rest):
+        desc, ctx, stream = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+        check(cuda.cuDevResourceGenerateDesc(ctypes.byref(desc), resource, 1), "cuDevResourceGenerateDesc")
+        check(cuda.cuGreenCtxCreate(ctypes.byref(ctx), desc, device, 1), "cuGreenCtxCreate")  # 1: default stream
+        check(cuda.cuGreenCtxStreamCreate(ctypes.byref(stream), ctx, 1, 0), "cuGreenCtxStreamCreate")  # non-blocking
+        streams.append(torch.cuda.ExternalStream(stream.value))
+        keep.append(ctx)
+    return streams[0], streams[1], keep
+
+
 def attention_shapes(out: dict) -> None:
     """SDPA over the tower's sequences (views 2 x 2704, crops 12 x 1296 tokens, 16 heads): d 96 vs padded 128."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -94,6 +128,10 @@ def main() -> None:
     ap.add_argument("--green-sms", default="96,112,120", help="SMs for vision in a green context (0: skip)")
     ap.add_argument("--attention", action="store_true", help="also time SDPA at the tower's shapes, d 96 vs 128")
     ap.add_argument("--alone-sms", default="", help="SM counts: decode and vision each alone in such a green context")
+    ap.add_argument("--split", default="", help="SM counts for decode, vision on the rest (disjoint); comma list")
+    ap.add_argument("--prefill-ms", type=float, default=36.0, help="prefill per request on the whole GPU (seed mix)")
+    ap.add_argument("--steps-per-request", type=float, default=5.53,
+                    help="decode steps per request at --batch: 531 output tokens / 96 rows (seed mix)")
     args = ap.parse_args()
     out: dict = {}
     if args.attention:
@@ -128,18 +166,43 @@ def main() -> None:
     out["serial_ms"] = round(serial, 1)
     print(json.dumps(out))
     padded = next(s for s in graphs.sizes if s >= args.batch)
-    for sms in [int(s) for s in args.alone_sms.split(",") if s]:
-        stream, gc = green_stream(sms)
+
+    def capture_on(stream) -> torch.cuda.CUDAGraph:
+        """The decode step's graph captured on `stream`: a graph replays on the SMs it was captured on (the
+        engine's used every SM whatever the stream: 15.7 ms in an 8-SM green context)."""
         with torch.cuda.stream(stream), torch.inference_mode():
-            # A graph replays where it was captured: the engine's would use every SM, so capture one here.
             graphs._forward(padded)
             local = torch.cuda.CUDAGraph()
             with torch.cuda.graph(local, stream=stream):
                 graphs._forward(padded)
+        return local
+
+    for sms in [int(s) for s in args.alone_sms.split(",") if s]:
+        stream, gc = green_stream(sms)
+        local = capture_on(stream)
+        with torch.cuda.stream(stream):
             alone = {"decode_ms": median_ms(local.replay, 30), "vision_ms": median_ms(vision, 5)}
         out[f"alone in {sms} SMs"] = alone
         print(f"alone in a {sms}-SM green context: {json.dumps(alone)}")
         del local, gc
+    serial_request = out["vision_ms"] + args.prefill_ms + args.steps_per_request * out["decode_ms"]
+    for sms in [int(s) for s in args.split.split(",") if s]:
+        ds, vs, handles = disjoint_streams(sms)
+        local = capture_on(ds)
+        res = {"decode_alone_ms": median_ms(local.replay, 30, ds), "vision_alone_ms": median_ms(vision, 5, vs)}
+        # Together: both lanes busy for about the same time, so each one's rate is its rate beside the other.
+        steps = max(1, round(args.passes * res["vision_alone_ms"] / res["decode_alone_ms"]))
+        ends = together(vision, local.replay, args.passes, steps, vs, ds)
+        res.update(decode_ms=round(ends["decode"] / steps, 2), vision_ms=round(ends["vision"] / args.passes, 1))
+        # The seed's mix per request: a vision pass and a prefill on the vision lane (prefill scaled as vision is),
+        # its share of decode steps on the decode lane; the busier lane sets the rate.
+        vision_lane = res["vision_ms"] * (1 + args.prefill_ms / out["vision_ms"])
+        decode_lane = args.steps_per_request * res["decode_ms"]
+        res.update(vision_lane_ms=round(vision_lane, 1), decode_lane_ms=round(decode_lane, 1),
+                   req_per_s=round(1e3 / max(vision_lane, decode_lane), 2), serial_req_per_s=round(1e3 / serial_request, 2))
+        out[f"split {sms} SMs to decode"] = res
+        print(f"decode on {sms} SMs, vision on the rest: {json.dumps(res)}")
+        del local, handles
     variants = {"same priority": (torch.cuda.Stream(), torch.cuda.Stream()),
                 "decode high priority": (torch.cuda.Stream(priority=0), torch.cuda.Stream(priority=-1))}
     keep = []  # a green context is destroyed with its Python object
