@@ -23,6 +23,7 @@ triton = pytest.importorskip("triton")
 from stepserve.layers import activation as act_ref  # noqa: E402
 from stepserve.layers import norm as norm_ref  # noqa: E402
 from stepserve.layers import rotary as rope_ref  # noqa: E402
+from stepserve.engine import sampling  # noqa: E402
 from stepserve.layers.attention import build_context, paged_attention_reference  # noqa: E402
 
 
@@ -31,7 +32,7 @@ def kern():
     interpreted_triton()
     # import_module: the package re-exports the function `paged_attention` under the module's name.
     return SimpleNamespace(**{m: importlib.import_module(f"stepserve.kernels.{m}")
-                              for m in ("activation", "paged_attention", "rmsnorm", "rotary")})
+                              for m in ("activation", "paged_attention", "rmsnorm", "rotary", "top_p")})
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -297,6 +298,38 @@ def test_silu_and_mul(kern):
     _assert_close(kern.activation.silu_and_mul(x3), act_ref.silu_and_mul.reference(x3))
 
 
+def test_top_p_cut_is_the_sorted_rows_cut(kern):
+    """The search kernel returns the very value the sort path gathers, ties, -inf and spiky rows included."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(6, 700, generator=g) * torch.tensor([[0.5], [2.0], [4.0], [8.0], [1.0], [3.0]])
+    rows[1, ::3] = float("-inf")  # banned tokens
+    rows[2, 100:160] = rows[2].max()  # a tie at the top holding much of the mass
+    rows[4] = rows[4].round()  # many ties everywhere
+    rows[5, 7] = 40.0  # one token holds all but ~1e-12 of the mass
+    top_p = torch.tensor([0.9, 0.5, 0.3, 0.95, 0.77, 0.999])
+    cut = kern.top_p.top_p_cut(rows, top_p)
+    ref = sampling.top_p_cut.reference(rows, top_p)
+    assert cut.shape == (6, 1) and torch.equal(cut, ref)
+    # what that cut keeps: less than top_p strictly above it, at least top_p with it
+    probs = torch.softmax(rows.double(), dim=-1)
+    assert ((probs * (rows > cut)).sum(-1) < top_p).all() and ((probs * (rows >= cut)).sum(-1) >= top_p - 1e-6).all()
+
+
+def test_top_p_cut_search_narrows_to_one_key():
+    """8 passes of 16 probes leave one key of the 2^32 - 2^24 between -inf and +inf (integer arithmetic only)."""
+    from stepserve.kernels import top_p
+
+    lo, hi = top_p._KEY_NEG_INF - 1, top_p._KEY_POS_INF
+    for _ in range(top_p._PASSES):
+        hi = lo + -(-(hi - lo) // 16)  # the worst case: the widest gap between probes
+    assert hi - lo == 1
+    # and the keys are float order: -inf, -1, -0, +0, 1, +inf
+    values = torch.tensor([float("-inf"), -1.0, -0.0, 0.0, 1.0, float("inf")])
+    bits = values.view(torch.int32)
+    keys = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).tolist()
+    assert keys == sorted(keys) and len(set(keys)) == 6 and (keys[0], keys[-1]) == (top_p._KEY_NEG_INF, top_p._KEY_POS_INF)
+
+
 def test_install_registers_every_layer_function():
     import stepserve.kernels as kernels
     from stepserve.layers import attention, dispatch, linear, quant
@@ -305,7 +338,7 @@ def test_install_registers_every_layer_function():
                  "apply_rotary": rope_ref.apply_rotary, "qk_norm_rope": rope_ref.qk_norm_rope,
                  "qk_norm_rope_store_kv": attention.qk_norm_rope_store_kv,
                  "qk_norm_rope_attend": attention.qk_norm_rope_attend, "silu_and_mul": act_ref.silu_and_mul,
-                 "fp8_linear": quant.fp8_linear, "linear": linear.linear}
+                 "fp8_linear": quant.fp8_linear, "linear": linear.linear, "top_p_cut": sampling.top_p_cut}
     assert set(kernels.LAYER_KERNELS) == set(layer_fns)
     kernels.install_triton_kernels()
     try:

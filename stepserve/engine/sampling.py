@@ -11,7 +11,8 @@ cumsum) where Gumbel-max with per-token hashed noise would cost ~15 integer pass
 
 Top-k / top-p / min-p become one cut value per row: tokens whose scaled logit is below it are dropped
 (ties with the cut value are kept). Cut values come from the sorted head of each row (torch.topk) for
-top-k rows, from the whole sorted row for top-p rows without top-k. No step reads a value back to the host.
+top-k rows, from the whole sorted row for top-p rows without top-k (on CUDA a search kernel finds the same
+value without sorting: `top_p_cut`). No step reads a value back to the host.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from stepserve.engine.sampling_params import SamplingParams
 from stepserve.host_copy import to_device
+from stepserve.layers.dispatch import dispatched
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -281,12 +283,19 @@ def _cut_values(scaled: torch.Tensor, row_max: torch.Tensor, batch: SamplingBatc
     return cut
 
 
+@dispatched
+def top_p_cut(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """scaled [b, V], top_p [b] -> [b, 1]: the lowest scaled logit that top-p keeps in each row.
+
+    The nucleus can hold any number of tokens, so the whole row is sorted. Looking in the best few first would
+    need the rows they do not cover on the host (nonzero): the host waiting for the GPU."""
+    vals = scaled.sort(dim=-1, descending=True).values
+    return _nucleus_cut(vals, None, top_p, vals.logsumexp(dim=-1, keepdim=True))
+
+
 def _group_cut(sub: torch.Tensor, group: _Cut) -> torch.Tensor:
     if group.top_k is None:
-        # Top-p alone: the nucleus can hold any number of tokens, so the whole row is sorted. Looking in the best
-        # few first would need the rows they do not cover on the host (nonzero): the host waiting for the GPU.
-        vals = sub.sort(dim=-1, descending=True).values
-        return _nucleus_cut(vals, None, group.top_p, vals.logsumexp(dim=-1, keepdim=True))
+        return top_p_cut(sub, group.top_p)
     vals = sub.topk(group.max_k, dim=-1).values
     in_k = torch.arange(group.max_k, device=sub.device) < group.top_k.unsqueeze(1)
     # top-p renormalises over the top-k survivors

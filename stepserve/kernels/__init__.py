@@ -1,4 +1,5 @@
-"""Triton kernels for the decoder hot path; each matches a plain-torch reference in `stepserve.layers`.
+"""Triton kernels for the decoder hot path; each matches a plain-torch reference in `stepserve.layers` (the
+sampler's top-p cut: in `stepserve.engine.sampling`).
 
 Importing this package needs triton. `install_triton_kernels()` routes the layer functions' CUDA calls
 (and paged attention) to these kernels; CPU tensors keep taking the references. On sm_90+ the norm, rotary and
@@ -13,6 +14,7 @@ from stepserve.kernels.gemv import linear
 from stepserve.kernels.paged_attention import decode_attention, extend_attention, paged_attention, qk_norm_rope_attend
 from stepserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from stepserve.kernels.rotary import apply_rotary, qk_norm_rope, qk_norm_rope_store_kv
+from stepserve.kernels.top_p import top_p_cut
 
 # Layer function name (see stepserve.layers.dispatch) -> kernel with the same signature.
 LAYER_KERNELS = {
@@ -26,6 +28,7 @@ LAYER_KERNELS = {
     "silu_and_mul": silu_and_mul,
     "fp8_linear": fp8_gemm,
     "linear": linear,
+    "top_p_cut": top_p_cut,  # the sampler's
 }
 
 
@@ -41,4 +44,4 @@ def install_triton_kernels(enable: bool = True) -> None:
 
 __all__ = ["apply_rotary", "decode_attention", "extend_attention", "fp8_gemm", "fused_add_rms_norm",
            "install_triton_kernels", "paged_attention", "qk_norm_rope", "qk_norm_rope_attend", "qk_norm_rope_store_kv",
-           "rms_norm", "silu_and_mul", "LAYER_KERNELS"]
+           "rms_norm", "silu_and_mul", "top_p_cut", "LAYER_KERNELS"]
