@@ -32,16 +32,19 @@ def _top_p_cut_kernel(x_ptr, p_ptr, out_ptr, V, stride, KEY_LO: tl.constexpr, KE
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride
     top_p = tl.load(p_ptr + row)
-    # Pass 0: log-sum-exp of the row (online max), so probabilities are exp(x - lse).
-    m = -float("inf")
-    s = 0.0
+    # Pass 0: log-sum-exp of the row (online max), so probabilities are exp(x - lse). Lanes keep their own
+    # running max and sum and meet once at the end: a reduction across warps per block would cost more than
+    # the block's arithmetic.
+    m = tl.full([BLOCK], -float("inf"), tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(x_row + cols, mask=cols < V, other=-float("inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m_new = tl.maximum(m, x)
+        s = s * tl.exp(tl.where(m_new == m, 0.0, m - m_new)) + tl.where(x == m_new, 1.0, tl.exp(x - m_new))
         m = m_new
-    lse = m + tl.log(s)
+    row_max = tl.max(m, axis=0)
+    lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), axis=0))
     # Invariant: the predicate mass(x > value(key)) < top_p is false at lo (all the mass lies above -inf) and true
     # at hi (none above +inf). Each pass tests WAYS keys evenly spread in (lo, hi], the last being hi.
     lo = tl.full([], KEY_LO, tl.int64)
@@ -50,13 +53,14 @@ def _top_p_cut_kernel(x_ptr, p_ptr, out_ptr, V, stride, KEY_LO: tl.constexpr, KE
     for _ in tl.static_range(PASSES):
         probes = lo + ((hi - lo) * (ways + 1)) // WAYS
         bounds = _value_of(probes.to(tl.int32))
-        mass = tl.zeros([WAYS], tl.float32)
+        partial = tl.zeros([BLOCK, WAYS], tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(x_row + cols, mask=cols < V, other=-float("inf"))
             prob = tl.exp(x - lse)
-            # Rounded sums of non-negative terms grow with the set summed, so `mass` falls as the probe rises.
-            mass += tl.sum(tl.where(x[:, None] > bounds[None, :], prob[:, None], 0.0), axis=0)
+            partial += tl.where(x[:, None] > bounds[None, :], prob[:, None], 0.0)
+        # Rounded sums of non-negative terms grow with the set summed, so `mass` falls as the probe rises.
+        mass = tl.sum(partial, axis=0)
         below = mass < top_p
         hi = tl.min(tl.where(below, probes, hi), axis=0)
         lo = tl.max(tl.where(below, lo, probes), axis=0)
@@ -70,5 +74,5 @@ def top_p_cut(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     out = torch.empty(b, 1, dtype=torch.float32, device=scaled.device)
     if b:
         _top_p_cut_kernel[(b,)](scaled, top_p, out, vocab, scaled.stride(0), KEY_LO=_KEY_NEG_INF - 1,
-                                KEY_HI=_KEY_POS_INF, PASSES=_PASSES, WAYS=16, BLOCK=1024, num_warps=8)
+                                KEY_HI=_KEY_POS_INF, PASSES=_PASSES, WAYS=16, BLOCK=512, num_warps=8)
     return out

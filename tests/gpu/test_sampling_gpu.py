@@ -47,11 +47,13 @@ def test_top_p_cut_kernel_matches_the_sort(report):
         logits[:, ::7] = float("-inf")
         top_p = torch.rand(b, device="cuda", generator=g) * 0.98 + 0.01
         cut, ref = kernel(logits, top_p), top_p_cut.reference(logits, top_p)
-        # float32 sums in another order may move a crossing that lies within ~1e-6 of top_p by one token
-        assert (cut == ref).float().mean().item() >= 0.99
+        # What the cut keeps, in float64: less than top_p strictly above it, at least top_p with it. Both paths sum
+        # ~1e5 float32 terms (in other orders), so on flat rows their crossings may differ by a few tokens.
         probs = torch.softmax(logits.double(), dim=-1)
-        assert ((probs * (logits > cut)).sum(-1) < top_p + 1e-5).all()
-        assert ((probs * (logits >= cut)).sum(-1) >= top_p - 1e-5).all()
+        for c in (cut, ref):
+            assert ((probs * (logits > c)).sum(-1) < top_p + 1e-4).all()
+            assert ((probs * (logits >= c)).sum(-1) >= top_p - 1e-4).all()
+        assert (cut == ref).float().mean().item() >= 0.95
         results[f"b{b}"] = {"kernel_ms": round(_event_ms(lambda: kernel(logits, top_p)), 3),
                             "sort_ms": round(_event_ms(lambda: top_p_cut.reference(logits, top_p)), 3)}
     report("top_p_cut", results)
