@@ -41,7 +41,8 @@ def _top_p_cut_kernel(x_ptr, p_ptr, out_ptr, V, stride, KEY_LO: tl.constexpr, KE
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(x_row + cols, mask=cols < V, other=-float("inf"))
         m_new = tl.maximum(m, x)
-        s = s * tl.exp(tl.where(m_new == m, 0.0, m - m_new)) + tl.where(x == m_new, 1.0, tl.exp(x - m_new))
+        ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # a lane that has seen only -inf adds nothing
+        s = s * tl.exp(m - ref) + tl.exp(x - ref)
         m = m_new
     row_max = tl.max(m, axis=0)
     lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), axis=0))
