@@ -316,12 +316,14 @@ def test_top_p_cut_is_the_sorted_rows_cut(kern):
 
 
 def test_top_p_cut_search_narrows_to_one_key():
-    """8 passes of 16 probes leave one key of the 2^32 - 2^24 between -inf and +inf (integer arithmetic only)."""
+    """Passes that quarter the interval leave one key of the 2^32 - 2^24 between -inf and +inf."""
     from stepserve.kernels import top_p
 
     lo, hi = top_p._KEY_NEG_INF - 1, top_p._KEY_POS_INF
     for _ in range(top_p._PASSES):
-        hi = lo + -(-(hi - lo) // 16)  # the worst case: the widest gap between probes
+        w = hi - lo
+        keys = [lo, lo + w // 4, lo + w // 2, lo + w * 3 // 4, hi]  # the probes, as the kernel computes them
+        hi = lo + max(b - a for a, b in zip(keys, keys[1:]))  # the worst case: the widest gap between them
     assert hi - lo == 1
     # and the keys are float order: -inf, -1, -0, +0, 1, +inf
     values = torch.tensor([float("-inf"), -1.0, -0.0, 0.0, 1.0, float("inf")])
