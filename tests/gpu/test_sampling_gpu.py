@@ -53,7 +53,7 @@ def test_top_p_cut_kernel_matches_the_sort(report):
         for c in (cut, ref):
             assert ((probs * (logits > c)).sum(-1) < top_p + 1e-4).all()
             assert ((probs * (logits >= c)).sum(-1) >= top_p - 1e-4).all()
-        assert (cut == ref).float().mean().item() >= 0.95
+        assert (cut != ref).sum().item() <= 1 + 0.05 * b
         results[f"b{b}"] = {"kernel_ms": round(_event_ms(lambda: kernel(logits, top_p)), 3),
                             "sort_ms": round(_event_ms(lambda: top_p_cut.reference(logits, top_p)), 3)}
     report("top_p_cut", results)
