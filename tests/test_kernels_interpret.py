@@ -301,15 +301,17 @@ def test_silu_and_mul(kern):
 def test_top_p_cut_is_the_sorted_rows_cut(kern):
     """The search kernel returns the very value the sort path gathers, ties, -inf and spiky rows included."""
     g = torch.Generator().manual_seed(0)
-    rows = torch.randn(6, 700, generator=g) * torch.tensor([[0.5], [2.0], [4.0], [8.0], [1.0], [3.0]])
+    rows = torch.randn(18, 700, generator=g) * torch.linspace(0.5, 8.0, 18)[:, None]
     rows[1, ::3] = float("-inf")  # banned tokens
     rows[2, 100:160] = rows[2].max()  # a tie at the top holding much of the mass
     rows[4] = rows[4].round()  # many ties everywhere
     rows[5, 7] = 40.0  # one token holds all but ~1e-12 of the mass
-    top_p = torch.tensor([0.9, 0.5, 0.3, 0.95, 0.77, 0.999])
+    top_p = torch.rand(18, generator=g) * 0.98 + 0.01
+    top_p[5] = 0.999
+    assert rows.shape[0] > kern.top_p._SORT_ROWS  # the search kernel runs, not the sort it falls back to
     cut = kern.top_p.top_p_cut(rows, top_p)
     ref = sampling.top_p_cut.reference(rows, top_p)
-    assert cut.shape == (6, 1) and torch.equal(cut, ref)
+    assert cut.shape == (18, 1) and torch.equal(cut, ref)
     # what that cut keeps: less than top_p strictly above it, at least top_p with it
     probs = torch.softmax(rows.double(), dim=-1)
     assert ((probs * (rows > cut)).sum(-1) < top_p).all() and ((probs * (rows >= cut)).sum(-1) >= top_p - 1e-6).all()
