@@ -5,7 +5,7 @@ those whose strictly larger tokens hold less than top_p of the mass, so the cut 
 mass(x > v) < top_p, and ties with it are kept. That predicate only turns true once as v grows, so one program
 per row searches for it over the order of float32 values: 3 probes per pass over the row quarter the interval,
 2^32 keys to one in 16 passes (and one pass before them for the row's log-sum-exp). Each pass reads the row
-(from L2, mostly) and compares every logit with its 3 probes: no sort, no scratch memory, no sync.
+and compares every logit with its 3 probes: no sort, no scratch memory, no sync.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _top_p_cut_kernel(x_ptr, p_ptr, out_ptr, V, stride, KEY_LO: tl.constexpr, KE
     lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), axis=0))
     # Invariant: the predicate mass(x > value(key)) < top_p is false at lo (all the mass lies above -inf) and true
     # at hi (none above +inf). Each pass tests the three keys that quarter (lo, hi], one [BLOCK] accumulator each:
-    # every operation stays in its lane's registers (a [BLOCK, ways] tensor of probes ran 7x slower).
+    # every operation stays in its lane's registers (16 probes as a [BLOCK, 16] tensor: 1.2 ms a row, not 0.66).
     lo = tl.full([], KEY_LO, tl.int64)
     hi = tl.full([], KEY_HI, tl.int64)
     for _ in tl.static_range(PASSES):
@@ -87,10 +87,8 @@ def top_p_cut(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     b, vocab = scaled.shape
     if b <= _SORT_ROWS:
         return sampling.top_p_cut.reference(scaled, top_p)
-    # 16 logits per thread per load: one program waits on ~17 x 37 loads of its row rather than 17 x 149 (at
-    # 1024, one row took 0.66 ms, its loads' latency more than its arithmetic).
     out = torch.empty(b, 1, dtype=torch.float32, device=scaled.device)
-    if b:
-        _top_p_cut_kernel[(b,)](scaled, top_p, out, vocab, scaled.stride(0), KEY_LO=_KEY_NEG_INF - 1,
-                                KEY_HI=_KEY_POS_INF, PASSES=_PASSES, BLOCK=4096, num_warps=8)
+    # 4096-logit blocks: 0.59-0.63 ms a row against 0.66 with 1024 (measured at one row)
+    _top_p_cut_kernel[(b,)](scaled, top_p, out, vocab, scaled.stride(0), KEY_LO=_KEY_NEG_INF - 1,
+                            KEY_HI=_KEY_POS_INF, PASSES=_PASSES, BLOCK=4096, num_warps=8)
     return out
