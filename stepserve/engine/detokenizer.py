@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenizers import decoders
+
 from stepserve.engine.sampling_params import SamplingParams
 
 _REPLACEMENT = "\ufffd"
@@ -38,7 +40,7 @@ class IncrementalDetokenizer:
         # wrapper also rewrites spaces around punctuation.
         cleans_spaces = getattr(tokenizer, "clean_up_tokenization_spaces", False)
         self._decoder = backend if backend is not None and not cleans_spaces else tokenizer
-        self._lossy_bytes = backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+        self._lossy_bytes = backend is not None and isinstance(backend.decoder, decoders.ByteLevel)
         self._skip_special = skip_special_tokens
         self._vocab_size = len(tokenizer)
         self._window = self._known(prompt_ids[-_CONTEXT_TOKENS:])
