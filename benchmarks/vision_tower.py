@@ -1,6 +1,6 @@
 """Vision tower + projector throughput for 1280x720 inputs (one 728 view + six 504 crops each) vs its FLOP floor.
 
-    python3 benchmarks/vision_tower.py [--compile] [--profile]   # the model's default options, 1 / 2 / 8 images
+    python3 benchmarks/vision_tower.py [--compile] [--kernels] [--profile]  # default options, 1 / 2 / 8 images
     python3 benchmarks/vision_tower.py --sweep [--budget 210]     # every variant below in one process
 
 Linear FLOPs per image: patches x layers x 2 x (4 w^2 + 2 w mlp); attention adds 4 x L^2 x w per view and
@@ -242,12 +242,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile", action="store_true", help="torch.compile the blocks, as the server does")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--kernels", action="store_true",
+                    help="install the Triton kernels as the server does (c_fc's GEMM applies quick-GELU)")
     ap.add_argument("--sweep", action="store_true", help="time every variant (see the module docstring)")
     ap.add_argument("--budget", type=float, default=210, help="sweep: skip variants that would end past this (s)")
     args = ap.parse_args()
     if args.sweep:
         sweep(args.budget)
         return
+    if args.kernels:
+        from stepserve.kernels import install_triton_kernels
+
+        install_triton_kernels()
     model, config = build_model()
     if args.compile:
         model.vision_model.compile_blocks()
@@ -259,11 +265,11 @@ def main() -> None:
         flops = flops_per_image(config.vision) * images
         if args.profile and images == 2:
             kernel_profile(lambda: encode(model, inputs), "profile, 2 images")
-        results.append({"compiled": args.compile, "images": images, "ms": ms, "images_per_s": images / ms * 1e3,
+        results.append({"compiled": args.compile, "kernels": args.kernels, "images": images, "ms": ms, "images_per_s": images / ms * 1e3,
                         "tflops": flops / ms / 1e9, "floor_ms": flops / PEAK * 1e3})
         print(json.dumps(results[-1]))
     if os.environ.get("OUT"):
-        name = "vision_compiled.json" if args.compile else "vision.json"
+        name = f"vision{'_compiled' * args.compile}{'_kernels' * args.kernels}.json"
         with open(os.path.join(os.environ["OUT"], name), "w") as f:
             json.dump(results, f)
 

@@ -137,6 +137,20 @@ def test_layers_with_a_gated_activation():
         Linear(256, 512, activation="gelu")
 
 
+def test_layers_with_quick_gelu():
+    """activation="quick_gelu" keeps the width (no [gate | up] check) and applies x * sigmoid(1.702 x)."""
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(3, 256, generator=g), torch.randn(384, 256, generator=g)
+    for quant in (None, Fp8Config()):
+        layer = make_linear(quant, "model.layers.0.mlp.down_proj", 256, 384, activation="quick_gelu")
+        assert isinstance(layer, Fp8Linear if quant else Linear)
+        layer.load_weight("weight", w, "w")
+        plain = layer.weight.float() if quant is None else blockwise_dequant(layer.weight, layer.weight_scale_inv)
+        h = x @ plain.T
+        assert layer(x).shape == (3, 384)
+        assert torch.allclose(layer(x), h * torch.sigmoid(1.702 * h), rtol=1e-5, atol=1e-5)
+
+
 # -- the Triton kernels under the interpreter ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gemm():

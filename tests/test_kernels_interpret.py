@@ -32,7 +32,8 @@ def kern():
     interpreted_triton()
     # import_module: the package re-exports the function `paged_attention` under the module's name.
     return SimpleNamespace(**{m: importlib.import_module(f"stepserve.kernels.{m}")
-                              for m in ("activation", "paged_attention", "rmsnorm", "rotary", "top_p")})
+                              for m in ("activation", "linear_gelu", "paged_attention", "rmsnorm", "rotary",
+                                                       "top_p")})
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -296,6 +297,23 @@ def test_silu_and_mul(kern):
     _assert_close(kern.activation.silu_and_mul(x), act_ref.silu_and_mul.reference(x))
     x3 = torch.randn(2, 3, 64, dtype=torch.float16)
     _assert_close(kern.activation.silu_and_mul(x3), act_ref.silu_and_mul.reference(x3))
+
+
+@pytest.mark.parametrize("programs", [None, 3])  # one tile per program; 3 programs walking 15 tiles
+@pytest.mark.parametrize("subtile", [True, False])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_linear_gelu(kern, programs, subtile, has_bias):
+    # Ragged M and N (70 = 4 x 16 + 6, 80 = 2 x 32 + 16) and K (48 = 3 x 16): every edge of the tiling.
+    x, w = torch.randn(70, 48, dtype=torch.float16), torch.randn(80, 48, dtype=torch.float16) / 7
+    bias = torch.randn(80, dtype=torch.float16) if has_bias else None
+    # The interpreter has no inline PTX: the exact sigmoid stands in for tanh.approx (tested on the device).
+    cfg = kern.linear_gelu.GemmConfig(bm=16, bn=32, bk=16, group_m=2, ctas_per_sm=0, subtile=subtile,
+                                      fast_gelu=False)
+    out = kern.linear_gelu.linear_gelu(x, w, bias, config=cfg, programs=programs)
+    ref = act_ref.quick_gelu(torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float()))
+    assert _rel_err(out, ref) < 2e-3
+    plain = kern.linear_gelu.linear_gelu(x, w, bias, gelu=False, config=cfg, programs=programs)
+    assert _rel_err(plain, torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())) < 2e-3
 
 
 def test_top_p_cut_is_the_sorted_rows_cut(kern):

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from stepserve.kernels.activation import silu_and_mul
 from stepserve.kernels.gemv import linear_small_m, sum_splits
+from stepserve.layers.activation import activate
 from stepserve.kernels.paged_attention import _num_sms
 from stepserve.layers.quant import (BLOCK, FP8_DTYPE, FP8_MAX, cdiv, dequantize_fp8_blockwise,
                                     quantize_fp8_per_token_group)
@@ -83,7 +83,7 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tens
         out = fp8_scaled_mm(x2, weight, weight_scale_inv, bias)
     else:
         out = F.linear(x2, dequantize_fp8(weight, weight_scale_inv, x.dtype), bias)
-    out = out if activation is None else silu_and_mul(out)
+    out = activate(out, activation)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -42,9 +42,10 @@ import triton
 import triton.language as tl
 
 from stepserve.kernels import pdl
-from stepserve.kernels.activation import silu_and_mul
+from stepserve.kernels.linear_gelu import linear_gelu_fits, linear_quick_gelu
 from stepserve.kernels.paged_attention import _num_sms
 from stepserve.layers.quant import BLOCK as SCALE_BLOCK
+from stepserve.layers.activation import activate
 from stepserve.layers.quant import FP8_DTYPE, dequantize_fp8_blockwise
 
 # Decode batches up to this many rows take the skinny kernel (`linear`, `fp8_linear` on CUDA). Measured on the
@@ -54,7 +55,7 @@ from stepserve.layers.quant import FP8_DTYPE, dequantize_fp8_blockwise
 # tensor-core path, which stays for the benchmarks' comparisons.
 SMALL_M_MAX = 1
 MAX_ROWS = 64  # what the tensor-core path accepts at all (benchmarks/fp8.py tries it above SMALL_M_MAX)
-ACTIVATIONS = (None, "silu_and_mul")
+FUSED_ACTIVATIONS = (None, "silu_and_mul")
 # fp8 register-path configs that beat the rule at M = 1 on the H100, by (N, K) of Step3-VL-10B's decoder
 # (benchmarks/gemv.py --sweep --fp8: qkv 11.2 -> 9.3 us, o_proj 6.9 -> 6.5, down 18.6 -> 17.6; a step's fp8
 # linears 2.53 -> 2.41 ms). 8-byte fp8 loads keep less in flight per program than bf16's 16-byte ones, so
@@ -263,8 +264,10 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     (use_dot=False) takes M == 1 only, and wants block_k = FMA_K_PER_WARP * num_warps * (loads per row per
     thread): then x's slice lands in the same threads as W's columns; any other value moves x through shared
     memory on every step. The fp8 tensor-core path wants a block_k that divides 128."""
+    if activation not in FUSED_ACTIVATIONS:  # applied to the result (so `out` cannot take it)
+        assert out is None, activation
+        return activate(linear_small_m(x, weight, bias, weight_scale_inv=weight_scale_inv, **config), activation)
     K = x.shape[-1]
-    assert activation in ACTIVATIONS, activation
     silu = activation == "silu_and_mul"
     fp8 = weight_scale_inv is not None
     assert weight.dim() == 2 and weight.shape[1] == K and weight.stride(-1) == 1, (weight.shape, weight.stride())
@@ -320,9 +323,10 @@ def skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str | None = None) -> torch.Tensor:
-    """`layers.linear.linear` on CUDA: the skinny kernel for up to SMALL_M_MAX rows of bf16/fp16 (with the
-    activation fused), else cuBLAS and the activation kernel."""
+    """`layers.linear.linear` on CUDA: the skinny kernel for up to SMALL_M_MAX rows of bf16/fp16 (with a gated
+    activation fused), a GEMM with quick-GELU in its epilogue, else cuBLAS and the activation kernel."""
     if skinny(x, weight):
         return linear_small_m(x, weight, bias, activation=activation)
-    out = F.linear(x, weight, bias)
-    return out if activation is None else silu_and_mul(out)
+    if activation == "quick_gelu" and linear_gelu_fits(x, weight, bias):
+        return linear_quick_gelu(x, weight, bias)
+    return activate(F.linear(x, weight, bias), activation)

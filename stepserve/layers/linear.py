@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepserve.errors import ModelLoadError
-from stepserve.layers.activation import activate, check_gated
+from stepserve.layers.activation import activate, check_activation
 from stepserve.layers.dispatch import dispatched
 
 
 @dispatched
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str | None = None) -> torch.Tensor:
-    """x @ weight.T + bias, then `activation` (layers.activation.GATED; None: none); on CUDA, decode-sized x
+    """x @ weight.T + bias, then `activation` (layers.activation.ACTIVATIONS; None: none); on CUDA, decode-sized x
     (a few rows) goes to a bandwidth-bound skinny kernel with the activation in its epilogue."""
     return activate(F.linear(x, weight, bias), activation)
 
@@ -53,7 +53,7 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.output_sizes = [out_features]
-        check_gated(activation, self.output_sizes)
+        check_activation(activation, self.output_sizes)
         self.activation = activation
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
@@ -68,6 +68,6 @@ class Linear(nn.Module):
 
 class MergedLinear(Linear):
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, activation: str | None = None):
-        check_gated(activation, output_sizes)
+        check_activation(activation, output_sizes)
         super().__init__(in_features, sum(output_sizes), bias, activation)
         self.output_sizes = list(output_sizes)

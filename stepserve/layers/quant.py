@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepserve.errors import ModelLoadError
-from stepserve.layers.activation import activate, check_gated
+from stepserve.layers.activation import activate, check_activation
 from stepserve.layers.dispatch import dispatched
 from stepserve.layers.linear import Linear, MergedLinear, copy_weight, shard_rows
 
@@ -92,7 +92,7 @@ class Fp8Linear(nn.Module):
         super().__init__()
         if any(size % BLOCK for size in output_sizes[:-1]):
             raise ModelLoadError(f"fp8 merged linear: shard sizes {output_sizes} are not multiples of {BLOCK}")
-        check_gated(activation, output_sizes)
+        check_activation(activation, output_sizes)
         self.activation = activation
         out_features = sum(output_sizes)
         self.in_features, self.out_features, self.output_sizes = in_features, out_features, list(output_sizes)

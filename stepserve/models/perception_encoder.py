@@ -24,7 +24,6 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stepserve.host_copy import to_device
-from stepserve.layers.activation import quick_gelu
 from stepserve.layers.quant import Fp8Config, make_linear
 from stepserve.models.configs import VisionConfig
 
@@ -149,11 +148,12 @@ class LayerScale(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig, quant: Fp8Config | None = None, prefix: str = ""):
         super().__init__()
-        self.c_fc = make_linear(quant, f"{prefix}.c_fc", cfg.width, cfg.mlp_dim, bias=True)
+        # On CUDA the GEMM applies quick-GELU in its epilogue (the pre-activation never reaches memory).
+        self.c_fc = make_linear(quant, f"{prefix}.c_fc", cfg.width, cfg.mlp_dim, bias=True, activation=cfg.hidden_act)
         self.c_proj = make_linear(quant, f"{prefix}.c_proj", cfg.mlp_dim, cfg.width, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(quick_gelu(self.c_fc(x)))
+        return self.c_proj(self.c_fc(x))
 
 
 class VisionBlock(nn.Module):

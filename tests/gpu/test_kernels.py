@@ -423,3 +423,54 @@ def test_tiny_decoder_through_decode_graphs(tmp_path):
 def test_silu_and_mul(T):
     x = torch.randn(T, 2 * 12288, device=DEV, dtype=torch.bfloat16) * 4
     _assert_bf16_close(silu_and_mul(x), act_ref.silu_and_mul.reference(x))
+
+
+@pytest.mark.parametrize("M", [20960, 1296, 1000, 65])  # two 720p images' tokens, a crop, ragged edges
+@pytest.mark.parametrize("fast", [True, False])
+def test_linear_gelu_at_vision_mlp_size(M, fast):
+    """c_fc of the vision MLP (1536 -> 8960) with quick-GELU in the epilogue vs float32 (tanh.approx or the
+    exact sigmoid), persistent and one tile per program."""
+    from stepserve.kernels.linear_gelu import GemmConfig, linear_gelu
+
+    x = torch.randn(M, 1536, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(8960, 1536, device=DEV, dtype=torch.bfloat16) / 1536 ** 0.5
+    b = torch.randn(8960, device=DEV, dtype=torch.bfloat16)
+    ref = act_ref.quick_gelu(torch.nn.functional.linear(x.float(), w.float(), b.float()))
+    for cfg in (GemmConfig(fast_gelu=fast), GemmConfig(fast_gelu=fast, ctas_per_sm=0)):
+        out = linear_gelu(x, w, b, config=cfg)
+        assert _rel_err(out, ref) < 4e-3, cfg
+        assert (out.float() - ref).abs().max() < 0.05, cfg
+
+
+def test_compiled_vision_mlp_takes_the_fused_gemm():
+    """The vision MLP compiled whole (as the tower is) with the kernels installed: c_fc is the fused GEMM, an
+    opaque op in the graph (no break), and the result matches the eager reference path."""
+    from stepserve.kernels import install_triton_kernels
+    from stepserve.models.configs import VisionConfig
+    from stepserve.models.perception_encoder import VisionMLP
+
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        mlp = VisionMLP(VisionConfig()).to(torch.bfloat16)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
+    x = torch.randn(3000, 1536, device=DEV, dtype=torch.bfloat16)
+    ref = mlp(x)  # the references: F.linear, then quick_gelu
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    install_triton_kernels()
+    try:
+        with torch.no_grad():  # the op has no backward (the engine runs the model without autograd too)
+            torch._dynamo.reset()
+            torch.compile(mlp, backend=capture, fullgraph=True, dynamic=True)(x)
+            torch._dynamo.reset()
+            out = torch.compile(mlp, fullgraph=True, dynamic=True)(x)
+    finally:
+        install_triton_kernels(False)
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes]
+    assert any("linear_quick_gelu" in t for t in targets), targets
+    assert _rel_err(out, ref) < 1e-2
