@@ -82,11 +82,14 @@ def time_ms(model, inputs, reps: int = 7) -> float:
 def bucket(kernel: str) -> str:
     """GEMM / attention / conv / pointwise, from a CUDA kernel's name (cuBLAS, cuDNN, FlashAttention, Triton)."""
     k = kernel.lower()
+    if k.startswith(("triton_poi", "triton_red", "triton_per")):  # Inductor's fusions, named after their ops
+        return "pointwise"
     if any(s in k for s in ("fmha", "flash", "attention", "sdpa", "attn", "_extend_kernel", "_decode_")):
         return "attention"
     if any(s in k for s in ("conv", "fprop", "dgrad", "wgrad", "nchwtonhwc", "nhwctonchw")):
         return "conv"
-    if any(s in k for s in ("gemm", "nvjet", "cutlass", "xmma", "gemv", "triton_tem", "matmul", "_mm_")):
+    if any(s in k for s in ("gemm", "nvjet", "cutlass", "xmma", "gemv", "triton_tem", "matmul", "_mm_",
+                            "_linear_gelu")):
         return "gemm"
     if "memcpy" in k or "memset" in k:
         return "copy"
