@@ -273,6 +273,55 @@ def test_a_step_outputs_reach_the_event_loop_in_one_wake_up(llm):
     assert [q.get_nowait() for q in streams[1:]] == [1, 2, 3, 4]
 
 
+def test_a_reader_that_fell_behind_gets_the_queued_outputs_as_one():
+    """Outputs that queued up while the event loop was busy come out merged (deltas joined, the latest state),
+    up to and including the finishing one; an error queued behind an output still follows it."""
+    import asyncio
+
+    from stepserve.engine.engine import AsyncEngine
+    from stepserve.engine.outputs import CompletionOutput, RequestOutput
+
+    class Inbox:
+        def put(self, item):
+            pass
+
+    class FakeEngine:
+        tokenizer = chat_template = image_token_id = context_length = model_name = image_processor = None
+
+        def make_sequences(self, *args):
+            return []
+
+    def out(texts: list[str], ids: list[list[int]], finished: bool = False) -> RequestOutput:
+        return RequestOutput("r", None, [], [CompletionOutput(index=i, delta_text=t, delta_token_ids=d,
+                                                              finish_reason="stop" if finished else None)
+                                             for i, (t, d) in enumerate(zip(texts, ids))])
+
+    async def read(items: list) -> list:
+        front = AsyncEngine(FakeEngine())
+        front._inbox = Inbox()
+        got = []
+        gen = front.generate([], [], GREEDY, "r")
+        try:
+            first = asyncio.ensure_future(gen.__anext__())
+            await asyncio.sleep(0)  # generate() registered its queue and waits on it
+            for item in items:
+                front._streams["r"][1].put_nowait(item)
+            got.append(await first)
+            async for o in gen:
+                got.append(o)
+        except RuntimeError as e:
+            got.append(str(e))
+        return got
+
+    got = asyncio.run(read([out(["a", "x"], [[1], [7]]), out(["b", ""], [[2], []]), out(["c", "y"], [[3], [8]]),
+                            out(["", "z"], [[], [9]], finished=True), out(["late"], [[4]])]))
+    assert [[(o.delta_text, o.delta_token_ids) for o in r.outputs] for r in got] == [
+        [("abc", [1, 2, 3]), ("xyz", [7, 8, 9])]]
+    assert got[0].finished  # and the output queued after the finishing one is not read
+    got = asyncio.run(read([out(["a"], [[1]]), out(["b"], [[2]]), RuntimeError("boom"), out(["c"], [[3]])]))
+    assert [r.outputs[0].delta_text for r in got[:-1]] == ["ab"] and got[-1] == "boom"
+
+
 def test_a_failed_step_fails_the_requests_in_flight_and_the_engine_goes_on(monkeypatch):
     """A step that raises ends every request in flight with the error, and later requests run on a clean engine."""
     import asyncio

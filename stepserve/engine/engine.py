@@ -23,7 +23,7 @@ from stepserve.config import EngineConfig
 from stepserve.engine.detokenizer import DetokenizeState
 from stepserve.engine.kv_cache import PagePool
 from stepserve.engine.model_runner import ModelRunner
-from stepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestTimes
+from stepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestTimes, merge_outputs
 from stepserve.engine.profiler import EngineProfiler
 from stepserve.engine.request import Sequence, cache_keys, image_spans
 from stepserve.engine.sampling_params import SamplingParams
@@ -350,12 +350,20 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._inbox.put(("add", request_id, seqs, prompt))
-        finished = False
+        finished, error = False, None
         try:
             while not finished:
-                item = await stream.get()
+                item = error if error is not None else await stream.get()
                 if isinstance(item, BaseException):
                     raise item
+                # A reader that fell behind (a busy event loop) gets what queued up as one output, so a slow
+                # loop writes fewer, larger chunks instead of a burst of small ones it catches up with later.
+                while not item.finished and not stream.empty():
+                    later = stream.get_nowait()
+                    if isinstance(later, BaseException):
+                        error = later
+                        break
+                    item = merge_outputs(item, later)
                 finished = item.finished
                 yield item
         finally:

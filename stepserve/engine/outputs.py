@@ -51,3 +51,14 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return all(o.finished for o in self.outputs)
+
+
+def merge_outputs(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """`newer` carrying `older`'s deltas too: what a reader that fell one output behind should see.
+
+    Both hold every choice of the request, in the same order (the engine builds them so)."""
+    for o, n in zip(older.outputs, newer.outputs, strict=True):
+        n.delta_text = o.delta_text + n.delta_text
+        n.delta_token_ids = o.delta_token_ids + n.delta_token_ids
+        n.delta_logprobs = o.delta_logprobs + n.delta_logprobs
+    return newer
