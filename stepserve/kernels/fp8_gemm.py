@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from stepserve.kernels.gemv import linear_small_m, sum_splits
-from stepserve.layers.activation import activate
 from stepserve.kernels.paged_attention import _num_sms
+from stepserve.layers.activation import activate
 from stepserve.layers.quant import (BLOCK, FP8_DTYPE, FP8_MAX, cdiv, dequantize_fp8_blockwise,
                                     quantize_fp8_per_token_group)
 

@@ -44,8 +44,8 @@ import triton.language as tl
 from stepserve.kernels import pdl
 from stepserve.kernels.linear_gelu import linear_gelu_fits, linear_quick_gelu
 from stepserve.kernels.paged_attention import _num_sms
-from stepserve.layers.quant import BLOCK as SCALE_BLOCK
 from stepserve.layers.activation import activate
+from stepserve.layers.quant import BLOCK as SCALE_BLOCK
 from stepserve.layers.quant import FP8_DTYPE, dequantize_fp8_blockwise
 
 # Decode batches up to this many rows take the skinny kernel (`linear`, `fp8_linear` on CUDA). Measured on the
