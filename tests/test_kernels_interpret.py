@@ -32,7 +32,7 @@ def kern():
     interpreted_triton()
     # import_module: the package re-exports the function `paged_attention` under the module's name.
     return SimpleNamespace(**{m: importlib.import_module(f"stepserve.kernels.{m}")
-                              for m in ("activation", "linear_gelu", "paged_attention", "rmsnorm", "rotary",
+                              for m in ("activation", "layer_norm", "linear_gelu", "paged_attention", "rmsnorm", "rotary",
                                                        "top_p")})
 
 
@@ -316,6 +316,18 @@ def test_linear_gelu(kern, programs, subtile, has_bias):
     assert _rel_err(plain, torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())) < 2e-3
 
 
+@pytest.mark.parametrize("rows,width", [(7, 48), (3, 1536)])  # several rows per program; one ragged long row
+def test_scaled_add_layer_norm(kern, rows, width):
+    g = torch.Generator().manual_seed(4)
+    x, y = (torch.randn(rows, width, generator=g) * 3 + 1).to(torch.float16), torch.randn(rows, width, generator=g).half()
+    gamma, weight, bias = (torch.randn(width, generator=g).half() for _ in range(3))
+    s, h = kern.layer_norm.scaled_add_layer_norm(x, y, gamma, weight, bias, 1e-5)
+    ref_s, ref_h = norm_ref.scaled_add_layer_norm.reference(x.float(), y.float(), gamma.float(), weight.float(),
+                                                           bias.float(), 1e-5)
+    assert s.dtype == h.dtype == torch.float16
+    assert _rel_err(s, ref_s) < 1e-3 and _rel_err(h, ref_h) < 2e-3
+
+
 def test_top_p_cut_is_the_sorted_rows_cut(kern):
     """The search kernel returns the very value the sort path gathers, ties, -inf and spiky rows included."""
     g = torch.Generator().manual_seed(0)
@@ -360,7 +372,8 @@ def test_install_registers_every_layer_function():
                  "apply_rotary": rope_ref.apply_rotary, "qk_norm_rope": rope_ref.qk_norm_rope,
                  "qk_norm_rope_store_kv": attention.qk_norm_rope_store_kv,
                  "qk_norm_rope_attend": attention.qk_norm_rope_attend, "silu_and_mul": act_ref.silu_and_mul,
-                 "fp8_linear": quant.fp8_linear, "linear": linear.linear, "top_p_cut": sampling.top_p_cut}
+                 "fp8_linear": quant.fp8_linear, "linear": linear.linear, "top_p_cut": sampling.top_p_cut,
+                 "scaled_add_layer_norm": norm_ref.scaled_add_layer_norm}
     assert set(kernels.LAYER_KERNELS) == set(layer_fns)
     kernels.install_triton_kernels()
     try:

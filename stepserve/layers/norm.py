@@ -1,8 +1,10 @@
-"""RMSNorm as Qwen3 computes it: statistics in float32, cast back to the input dtype, then the weight."""
+"""The towers' norms: RMSNorm as Qwen3 computes it (statistics in float32, cast back to the input dtype, then the
+weight) for the decoder; the vision tower's layer-scaled residual add with the LayerNorm that follows it."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stepserve.layers.dispatch import dispatched
@@ -22,6 +24,15 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     """(rms_norm(x + residual), x + residual): the residual stream of a pre-norm block in one pass."""
     summed = x + residual
     return rms_norm.reference(summed, weight, eps), summed
+
+
+@dispatched
+def scaled_add_layer_norm(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, layer_norm(s)) for s = x + gamma * y: a pre-norm block's layer-scaled residual add and the norm after
+    it; x, y [tokens, width], gamma / weight / bias [width]. On CUDA one pass: each input read once."""
+    s = x + gamma * y
+    return s, F.layer_norm(s, s.shape[-1:], weight, bias, eps)
 
 
 class RMSNorm(nn.Module):

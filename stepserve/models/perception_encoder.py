@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stepserve.host_copy import to_device
+from stepserve.layers.norm import scaled_add_layer_norm
 from stepserve.layers.quant import Fp8Config, make_linear
 from stepserve.models.configs import VisionConfig
 
@@ -137,12 +138,11 @@ class VisionAttention(nn.Module):
 
 
 class LayerScale(nn.Module):
+    """The per-channel scale of a residual branch (applied by `scaled_add_layer_norm`)."""
+
     def __init__(self, dim: int):
         super().__init__()
         self.gamma = nn.Parameter(torch.empty(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
 
 
 class VisionMLP(nn.Module):
@@ -166,14 +166,20 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(cfg, quant, f"{prefix}.mlp")
         self.ls_2 = LayerScale(cfg.width)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: torch.Tensor,
-                cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-        """x [tokens, width]; cos/sin [tokens, 1, head_dim / 2]; groups/cu_seqlens: see `vision_attention`."""
-        x = x + self.ls_1(self.attn(self.ln_1(x), cos, sin, groups, cu_seqlens))
-        return x + self.ls_2(self.mlp(self.ln_2(x)))
+    def forward(self, x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                groups: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x + gamma * y (the residual the block before left to add), then this block; returns the stream and
+        this block's own MLP output, left for the next block to add, so that each residual add and the norm
+        after it are one pass over the stream. x, y [tokens, width]; gamma [width]; cos/sin [tokens, 1,
+        head_dim / 2]; groups/cu_seqlens: see `vision_attention`."""
+        ln_1, ln_2 = self.ln_1, self.ln_2
+        x, h = scaled_add_layer_norm(x, y, gamma, ln_1.weight, ln_1.bias, ln_1.eps)
+        attn = self.attn(h, cos, sin, groups, cu_seqlens)
+        x, h = scaled_add_layer_norm(x, attn, self.ls_1.gamma, ln_2.weight, ln_2.bias, ln_2.eps)
+        return x, self.mlp(h)
 
 
-def _run_block(block: VisionBlock, *args) -> torch.Tensor:
+def _run_block(block: VisionBlock, *args) -> tuple[torch.Tensor, torch.Tensor]:
     # Compiled with the block as an argument, all 47 blocks share one graph (their weights are its inputs).
     return block(*args)
 
@@ -249,9 +255,14 @@ class PerceptionEncoder(nn.Module):
             offsets = itertools.accumulate((g * g for b, g in seqs for _ in range(b)), initial=0)
             cu_seqlens = to_device(torch.tensor(list(offsets), dtype=torch.int32), x.device)
         run = self._compiled_block or _run_block
-        for block in self.transformer.resblocks:
-            x = run(block, x, cos, sin, groups, cu_seqlens)
-        return x
+        # Nothing to add before the first block: y is zeros, and any finite gamma adds nothing. It is a parameter,
+        # as for every later block: a plain tensor there would cost the compiled block a second graph.
+        blocks = self.transformer.resblocks
+        y, gamma = torch.zeros_like(x), blocks[0].ls_2.gamma
+        for block in blocks:
+            x, y = run(block, x, y, gamma, cos, sin, groups, cu_seqlens)
+            gamma = block.ls_2.gamma
+        return x + gamma * y
 
     def _downsample(self, x: torch.Tensor, b: int, g: int) -> torch.Tensor:
         """[b * g * g, width] -> [b, (g / 4)^2, 4 * width]."""

@@ -442,20 +442,38 @@ def test_linear_gelu_at_vision_mlp_size(M, fast):
         assert (out.float() - ref).abs().max() < 0.05, cfg
 
 
-def test_compiled_vision_mlp_takes_the_fused_gemm():
-    """The vision MLP compiled whole (as the tower is) with the kernels installed: c_fc is the fused GEMM, an
-    opaque op in the graph (no break), and the result matches the eager reference path."""
+@pytest.mark.parametrize("M", [20960, 1296, 3])
+def test_scaled_add_layer_norm_at_vision_width(M):
+    """The vision blocks' residual add + LayerNorm at width 1536 vs float32 (the sum rounded once to bf16)."""
+    from stepserve.kernels.layer_norm import scaled_add_layer_norm
+
+    x, y = torch.randn(2, M, 1536, device=DEV, dtype=torch.bfloat16).unbind(0)
+    gamma, weight, bias = torch.randn(3, 1536, device=DEV, dtype=torch.bfloat16).unbind(0)
+    s, h = scaled_add_layer_norm(x, y * 4, gamma, weight, bias, 1e-5)
+    ref_s, ref_h = norm_ref.scaled_add_layer_norm.reference(x.float(), (y * 4).float(), gamma.float(),
+                                                           weight.float(), bias.float(), 1e-5)
+    assert _rel_err(s, ref_s) < 4e-3 and _rel_err(h, ref_h) < 8e-3
+
+
+def test_compiled_vision_block_takes_the_fused_kernels():
+    """A vision block compiled (as the tower's are) with the kernels installed: c_fc is the GEMM with quick-GELU
+    and both residual adds + norms the one-pass kernel, opaque ops in one graph, and the block's two outputs
+    match the eager reference path (cuBLAS, quick-GELU, torch's layer norm)."""
     from stepserve.kernels import install_triton_kernels
     from stepserve.models.configs import VisionConfig
-    from stepserve.models.perception_encoder import VisionMLP
+    from stepserve.models.perception_encoder import VisionBlock
 
     torch.manual_seed(0)
+    cfg = VisionConfig()
     with torch.device(DEV):
-        mlp = VisionMLP(VisionConfig()).to(torch.bfloat16)
-    for p in mlp.parameters():
+        block = VisionBlock(cfg).to(torch.bfloat16)
+    for p in block.parameters():
         torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
-    x = torch.randn(3000, 1536, device=DEV, dtype=torch.bfloat16)
-    ref = mlp(x)  # the references: F.linear, then quick_gelu
+    x, y = torch.randn(2, 2 * 1296, cfg.width, device=DEV, dtype=torch.bfloat16).unbind(0)
+    angles = torch.rand(2 * 1296, cfg.head_dim // 2, device=DEV) * 30
+    args = (x, y, block.ls_2.gamma, angles.cos()[:, None], angles.sin()[:, None], torch.tensor([[2, 1296]]), None)
+    with torch.no_grad():
+        ref = block(*args)
     graphs = []
 
     def capture(gm, example_inputs):
@@ -464,13 +482,15 @@ def test_compiled_vision_mlp_takes_the_fused_gemm():
 
     install_triton_kernels()
     try:
-        with torch.no_grad():  # the op has no backward (the engine runs the model without autograd too)
+        with torch.no_grad():  # the ops have no backward (the engine runs the model without autograd too)
             torch._dynamo.reset()
-            torch.compile(mlp, backend=capture, fullgraph=True, dynamic=True)(x)
+            torch.compile(block, backend=capture, fullgraph=True, dynamic=True)(*args)
             torch._dynamo.reset()
-            out = torch.compile(mlp, fullgraph=True, dynamic=True)(x)
+            out = torch.compile(block, fullgraph=True, dynamic=True)(*args)
     finally:
         install_triton_kernels(False)
     targets = [str(n.target) for gm in graphs for n in gm.graph.nodes]
     assert any("linear_quick_gelu" in t for t in targets), targets
-    assert _rel_err(out, ref) < 1e-2
+    assert sum("scaled_add_layer_norm" in t for t in targets) == 2, targets
+    for got, want in zip(out, ref):
+        assert _rel_err(got, want) < 1e-2
