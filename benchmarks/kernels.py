@@ -5,6 +5,7 @@ contexts of ~1.5k-2.5k) against their floors and the torch paths they replace.
     python benchmarks/kernels.py --quick    # no block-size sweeps
     python benchmarks/kernels.py --fusions  # only the fused norm + rope + KV store vs the kernels it replaces
     python benchmarks/kernels.py --pdl-chain  # only the batch-1 decode chain with PDL off vs on
+    python benchmarks/kernels.py --mixed      # only a mixed step's attention: its decodes split off or not
 
 Floors use the measured ceilings of docs/performance (3.0 TB/s copy, 782 TFLOP/s bf16): bytes are each
 input read once and each output written once. "cold" times are triton.testing.do_bench medians (L2 flushed
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import itertools
 import json
 import math
@@ -299,15 +301,52 @@ def bench_pdl_chain(results):
                      "PDL on", us[True])
 
 
+def bench_mixed(results):
+    """A mixed step of the seed's throughput run (one 1439-token prefill after 95 decodes at kv 1900) through
+    `qk_norm_rope_attend` (norm, rotation, store, attention), its decodes through the extend kernel with the
+    prefill (as before MIN_MIXED_DECODES) or split off to the decode kernel, bf16 and fp8 caches."""
+    # The module (the package re-exports its function `paged_attention` under the same name).
+    paged_attention = importlib.import_module("stepserve.kernels.paged_attention")
+    q_lens, kv_lens = [1] * 95 + [1439], [1900] * 95 + [1439]
+    T = sum(q_lens)
+    for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        _, kv_cache, (ctx,) = paged_sets(q_lens, kv_lens, 16, 1, kv_dtype)
+        qkv = torch.randn(T, (HQ + 2 * HKV) * D, device=DEV, dtype=torch.bfloat16)
+        q, k, v = (t.view(T, -1, D) for t in qkv.split([HQ * D, HKV * D, HKV * D], dim=-1))
+        positions = torch.tensor([1899] * 95 + list(range(1439)), device=DEV)
+        cos_sin = rope_ref.rotary_cos_sin_cache(D, 40960, 1e6, device=DEV)
+        qw, kw = torch.randn(2, D, device=DEV, dtype=torch.bfloat16)
+        # The kernels rotate q in place: every call starts from a copy of the same q (~8 us in both timings).
+        run = lambda: paged_attention.qk_norm_rope_attend(q.clone(), k, v, qw, kw, 1e-6, positions, cos_sin,  # noqa: E731
+                                                          kv_cache, ctx, SCALE)
+        us, outs = {}, {}
+        for split, threshold in (("one extend", 10**9), ("decodes split off", paged_attention.MIN_MIXED_DECODES)):
+            saved, paged_attention.MIN_MIXED_DECODES = paged_attention.MIN_MIXED_DECODES, threshold
+            try:
+                outs[split] = run()
+                us[split] = cold_us(run)
+            finally:
+                paged_attention.MIN_MIXED_DECODES = saved
+        err = rel_err(outs["decodes split off"], outs["one extend"])
+        assert err < 1e-2, err
+        side_by_side(results, "mixed step", f"1x1439 + 95 decodes kv1900 {str(kv_dtype)[6:]}", "one extend",
+                     us["one extend"], "split", us["decodes split off"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="skip the block-size sweeps")
     parser.add_argument("--fusions", action="store_true", help="only the fused rope + store vs the old kernels")
     parser.add_argument("--pdl-chain", action="store_true", help="only the b1 decode kernel chain, PDL off vs on")
+    parser.add_argument("--mixed", action="store_true", help="only a mixed step's attention, split or not")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     results: list[dict] = []
+    if args.mixed:
+        bench_mixed(results)
+        write_json(results)
+        return
     print("CUDA-graph replay, per layer:")
     if args.fusions or not args.pdl_chain:
         bench_rope_store(results)

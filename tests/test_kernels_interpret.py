@@ -272,23 +272,30 @@ def test_decode_with_qk_norm_rope_and_store(kern, exact_fp8_casts, kv_dtype, kv_
         assert (kv_cache.float() == cache_ref.float()).float().mean() > 0.99
 
 
-def test_qk_norm_rope_attend_extend_path(kern):
-    """A prefill through `qk_norm_rope_attend` (rotary kernel + extend) equals the layer's reference."""
+@pytest.mark.parametrize("decodes", [0, 1, 33])  # a prefill; one decode ahead of it; a mixed step split in two
+def test_qk_norm_rope_attend_extend_path(kern, decodes):
+    """Prefill chunks through `qk_norm_rope_attend` (rotary kernel + extend; past MIN_MIXED_DECODES leading
+    decodes, those through the decode kernel) equal the layer's reference, output and cache."""
     from stepserve.layers import attention
 
+    assert decodes < 33 or decodes >= kern.paged_attention.MIN_MIXED_DECODES
     hq, hkv, d = 4, 2, 32
-    q, kv_cache, ctx = _paged_case([5, 1], [9, 4], num_heads=hq, num_kv_heads=hkv, head_dim=d)
-    T = 6
-    qkv = torch.randn(T, (hq + 2 * hkv) * d, dtype=torch.float16)
+    g = torch.Generator().manual_seed(decodes)
+    dec_kv = torch.randint(1, 40, (decodes,), generator=g).tolist()
+    q_lens, kv_lens = [1] * decodes + [5, 1, 3], dec_kv + [9, 4, 3]
+    q, kv_cache, ctx = _paged_case(q_lens, kv_lens, num_heads=hq, num_kv_heads=hkv, head_dim=d)
+    T = sum(q_lens)
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, dtype=torch.float16, generator=g)
     q, k, v = (t.view(T, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
     cos_sin = rope_ref.rotary_cos_sin_cache(d, 64, 10000.0)
-    positions = torch.tensor([4, 5, 6, 7, 8, 3])
+    positions = torch.tensor([n - 1 for n in dec_kv] + [4, 5, 6, 7, 8, 3, 0, 1, 2])
     qw, kw = torch.randn(d, dtype=torch.float16), torch.randn(d, dtype=torch.float16)
     cache_ref = kv_cache.clone()
     ref = attention.qk_norm_rope_attend.reference(q.clone(), k, v, qw, kw, 1e-6, positions, cos_sin, cache_ref,
                                                   ctx, 0.3)
     out = kern.paged_attention.qk_norm_rope_attend(q, k, v, qw, kw, 1e-6, positions, cos_sin, kv_cache, ctx, 0.3)
     assert _rel_err(out, ref) < 2e-3
+    assert _rel_err(out[decodes:], ref[decodes:]) < 2e-3
     _assert_close(kv_cache, cache_ref)
 
 

@@ -34,6 +34,10 @@ from stepserve.kernels.rotary import _load_weight, _norm_rotate, _to_cache, qk_n
 from stepserve.layers.attention import ForwardContext
 
 _LOG2E = 1.4426950408889634
+# A mixed step (prefill chunks after ~100 decodes at high load) attends its decodes with the decode kernel from
+# this many on: the extend kernel gives each decode a whole query tile of its own (the H100 measured 486 us per
+# layer for a prefill + 95 decodes through it against ~350 for the two kernels apart, bf16 cache; 566 vs ~280 fp8).
+MIN_MIXED_DECODES = 32
 
 
 @triton.jit
@@ -227,9 +231,9 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
 
 
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
-def _extend_kernel(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_lens_ptr, kv_lens_ptr, out_ptr, num_seqs,
-                   qk_scale, v_scale, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_bt,
+@triton.jit(do_not_specialize=["first_seq", "num_seqs", "tok_base", "stride_bt"])
+def _extend_kernel(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_lens_ptr, kv_lens_ptr, out_ptr, first_seq, num_seqs,
+                   tok_base, qk_scale, v_scale, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_bt,
                    stride_ot, stride_oh,
                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                    PAGE_SIZE: tl.constexpr, BLOCK_B: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr):
@@ -237,13 +241,14 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_lens_ptr, kv_lens_ptr, o
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     pdl.wait_for_predecessor(USE_PDL)  # before the early exit below: every program must wait
-    # Tiles are numbered over all sequences (no host list): find this tile's sequence by a prefix sum, BLOCK_B
-    # sequences at a time (one build serves every batch size).
-    seq = 0  # sequences that end at or before this tile
+    # Tiles are numbered over sequences first_seq.. (no host list): find this tile's sequence by a prefix sum,
+    # BLOCK_B sequences at a time (one build serves every batch size). Tokens are rows of q / out counted from
+    # the first of sequence first_seq (tok_base in the step).
+    seq = first_seq  # sequences that end at or before this tile
     seq_tiles = 0  # the tile's sequence: its tile count and the tile number it ends at
     seq_end = 0
     done = 0  # tiles of the sequences before this block
-    for first in range(0, num_seqs, BLOCK_B):
+    for first in range(first_seq, num_seqs, BLOCK_B):
         b = first + tl.arange(0, BLOCK_B)
         lo = tl.load(cu_q_lens_ptr + b, mask=b < num_seqs, other=0)
         hi = tl.load(cu_q_lens_ptr + b + 1, mask=b < num_seqs, other=0)
@@ -259,6 +264,7 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, table_ptr, cu_q_lens_ptr, kv_lens_ptr, o
         q_block = seq_tiles - 1 - local  # the costliest (last) tiles of a sequence start first
         q_start = tl.load(cu_q_lens_ptr + seq)
         q_len = tl.load(cu_q_lens_ptr + seq + 1) - q_start
+        q_start -= tok_base
         kv_len = tl.load(kv_lens_ptr + seq)
 
         r = tl.arange(0, BLOCK_M)
@@ -320,6 +326,13 @@ def default_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, num_sms: 
     return max(1, min(want, math.ceil(max_kv_len / 128), 64))
 
 
+def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous(), (out.shape, q.shape)
+    return out
+
+
 class StepKV(NamedTuple):
     """A decode step's new k and v [B, Hkv, D] as the qkv projection left them (q too), with what Qwen3 applies
     before they are attended and stored: per-head RMSNorm of q and k, then the rotation (`qk_norm_rope_store_kv`)."""
@@ -335,13 +348,13 @@ class StepKV(NamedTuple):
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, scale: float, *,
                      step_kv: StepKV | None = None, num_splits: int | None = None, block_n: int | None = None,
-                     num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                     num_warps: int = 4, num_stages: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per sequence (q [B, Hq, D]) over its cached keys, split over the KV.
 
     With `step_kv`, q is not yet normalized or rotated and the step's K/V are not yet stored: the kernel does
     both (`qk_norm_rope_store_kv`), so the decode step runs no separate rotary kernel. Launch sizes depend only
     on B and `num_splits` (from `ctx.max_kv_len` unless given), so a CUDA graph captured for a batch size
-    replays correctly for any kv_lens.
+    replays correctly for any kv_lens. `out` (like q, contiguous) receives the result instead of a new tensor.
     """
     num_heads, num_kv_heads, page_size = _check(q, kv_cache)
     _check_ctx(ctx)
@@ -355,7 +368,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
     short = num_splits >= 32
     block_n = block_n or (32 if short else 64)
     num_stages = num_stages or (1 if short else 2)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = _output(q, out)
     if num_splits > 1:
         part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -395,22 +408,26 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
 
 
 def extend_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, scale: float, *,
-                     block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
-    """Causal attention of q [T, Hq, D] (any mix of q_lens) over each sequence's cached keys."""
+                     first_seq: int = 0, out: torch.Tensor | None = None, block_m: int = 128, block_n: int = 64,
+                     num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
+    """Causal attention of q [T, Hq, D] (any mix of q_lens) over each sequence's cached keys.
+
+    first_seq: q holds only the tokens of ctx's sequences first_seq.. (the rest of a mixed step). `out` (like q,
+    contiguous) receives the result instead of a new tensor."""
     num_heads, num_kv_heads, page_size = _check(q, kv_cache)
     _check_ctx(ctx)
     T, _, head_dim = q.shape
     group = num_heads // num_kv_heads
     assert block_m >= group, "a tile must hold at least one token's whole query-head group"
     batch = ctx.cu_q_lens.numel() - 1
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = _output(q, out)
     tokens_per_tile = block_m // group
     # Sum over sequences of ceil(q_len / tokens_per_tile) is at most this; extra programs exit at once.
-    max_tiles = triton.cdiv(T, tokens_per_tile) + batch
+    max_tiles = triton.cdiv(T, tokens_per_tile) + batch - first_seq
     use_pdl = pdl.enabled(q.device)
     k, v = kv_cache[0], kv_cache[1]
     _extend_kernel[(max_tiles, num_kv_heads)](
-        q, k, v, ctx.block_tables, ctx.cu_q_lens, ctx.kv_lens, out, batch,
+        q, k, v, ctx.block_tables, ctx.cu_q_lens, ctx.kv_lens, out, first_seq, batch, sum(ctx.q_lens_cpu[:first_seq]),
         scale * ctx.kv_scale * _LOG2E, ctx.kv_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), ctx.block_tables.stride(0),
         out.stride(0), out.stride(1),
@@ -431,10 +448,27 @@ def qk_norm_rope_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_wei
                         k_weight: torch.Tensor, eps: float, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                         kv_cache: torch.Tensor, ctx: ForwardContext, scale: float) -> torch.Tensor:
     """Drop-in for `stepserve.layers.attention.qk_norm_rope_attend`: one decode kernel (plus the split
-    reduce) for a decode step, else the rotary-and-store kernel and the extend kernel."""
+    reduce) for a decode step, else the rotary-and-store kernel and the extend kernel (a mixed step's leading
+    decodes, from MIN_MIXED_DECODES of them, as a decode step)."""
     if ctx.is_decode:
         return decode_attention(q, kv_cache, ctx, scale,
                                 step_kv=StepKV(k, v, q_weight, k_weight, eps, positions, cos_sin_cache))
-    q = qk_norm_rope_store_kv(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, kv_cache,
-                              ctx.slot_mapping, ctx.kv_scale)
-    return extend_attention(q, kv_cache, ctx, scale)
+    d = _leading_decodes(ctx)
+    if d < MIN_MIXED_DECODES:
+        q = qk_norm_rope_store_kv(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, kv_cache,
+                                  ctx.slot_mapping, ctx.kv_scale)
+        return extend_attention(q, kv_cache, ctx, scale)
+    # A mixed step: its decodes as a decode step (one split each: the build a large decode graph uses), then the
+    # prefill chunks after them.
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    decode_attention(q[:d], kv_cache, ctx.head(d), scale, num_splits=1, out=out[:d],
+                     step_kv=StepKV(k[:d], v[:d], q_weight, k_weight, eps, positions[:d], cos_sin_cache))
+    rest = qk_norm_rope_store_kv(q[d:], k[d:], v[d:], q_weight, k_weight, eps, positions[d:], cos_sin_cache,
+                                 kv_cache, ctx.slot_mapping[d:], ctx.kv_scale)
+    extend_attention(rest, kv_cache, ctx, scale, first_seq=d, out=out[d:])
+    return out
+
+
+def _leading_decodes(ctx: ForwardContext) -> int:
+    """How many sequences at the front of the step have one new token (the scheduler puts decodes first)."""
+    return next((i for i, n in enumerate(ctx.q_lens_cpu) if n != 1), len(ctx.q_lens_cpu))

@@ -45,6 +45,13 @@ class ForwardContext:
     def batch_size(self) -> int:
         return len(self.q_lens_cpu)
 
+    def head(self, n: int) -> ForwardContext:
+        """The context of the first n sequences alone (views of this one's device tensors)."""
+        q_lens, kv_lens = self.q_lens_cpu[:n], self.kv_lens_cpu[:n]
+        return ForwardContext(self.cu_q_lens[: n + 1], self.kv_lens[:n], self.block_tables[:n],
+                              self.slot_mapping[: sum(q_lens)], max(q_lens, default=0), max(kv_lens, default=0),
+                              q_lens, kv_lens, self.kv_scale)
+
 
 _CONTEXT: ForwardContext | None = None
 

@@ -168,6 +168,46 @@ def test_prefills_of_any_length_reuse_one_build():
     assert builds == []
 
 
+@pytest.mark.parametrize("kv_dtype,kv_scale", [(torch.bfloat16, 1.0), (torch.float8_e4m3fn, 0.05)])
+def test_mixed_steps_split_decodes_without_new_builds(kv_dtype, kv_scale):
+    """Prefill chunks after 32+ decodes (qk_norm_rope_attend: the decodes through the decode kernel, the chunks
+    through rotary-and-store + extend) against the reference, output and cache; after one such step, other
+    decode counts (so other offsets into the step's metadata) build no kernel again."""
+    import triton
+
+    from stepserve.kernels.paged_attention import MIN_MIXED_DECODES, qk_norm_rope_attend
+
+    builds = []
+    hook = triton.knobs.runtime.jit_post_compile_hook
+    for i, decodes in enumerate([96, MIN_MIXED_DECODES, 33, 95, 50]):
+        q_lens = [1] * decodes + [1437, 300]
+        kv_lens = torch.randint(100, 2500, (decodes,)).tolist() + [1437, 900]
+        _, kv_cache, ctx = _paged_case(q_lens, kv_lens, 16, kv_dtype=kv_dtype, kv_scale=kv_scale)
+        T = sum(q_lens)
+        qkv, q, k, positions, cos_sin = _qk(T)
+        v = qkv[:, (HQ + HKV) * D:].view(T, HKV, D)
+        positions.copy_(torch.tensor([n - 1 for n in kv_lens[:decodes]] + list(range(1437)) + list(range(600, 900)),
+                                     device=DEV))
+        qw, kw = torch.randn(2, D, device=DEV, dtype=torch.bfloat16)
+        cache_ref = kv_cache.clone()
+        ref = attention.qk_norm_rope_attend.reference(q.clone(), k, v, qw, kw, 1e-6, positions, cos_sin, cache_ref,
+                                                      ctx, SCALE)
+        if i == 1:
+            triton.knobs.runtime.jit_post_compile_hook = lambda *, repr, **_: builds.append(repr)
+        try:
+            out = qk_norm_rope_attend(q, k, v, qw, kw, 1e-6, positions, cos_sin, kv_cache, ctx, SCALE)
+        finally:
+            triton.knobs.runtime.jit_post_compile_hook = hook
+        assert _rel_err(out[:decodes], ref[:decodes]) < 1e-2, decodes
+        assert _rel_err(out[decodes:], ref[decodes:]) < 1e-2, decodes
+        if kv_dtype == torch.bfloat16:
+            _assert_bf16_close(kv_cache, cache_ref, atol=2 ** -6)
+        else:  # one fp8 step (2^-3 relative), or for a small rotated k one bf16 step of its O(1) terms, scaled
+            torch.testing.assert_close(kv_cache.float(), cache_ref.float(), rtol=2 ** -3, atol=2 ** -8 / kv_scale)
+            assert (kv_cache.float() == cache_ref.float()).float().mean() > 0.99
+    assert builds == []
+
+
 def test_attention_strided_q_from_fused_qkv():
     q_lens, kv_lens = [5, 300], [50, 300]
     q, kv_cache, ctx = _paged_case(q_lens, kv_lens, 16)
