@@ -35,8 +35,9 @@ from stepserve.layers.attention import ForwardContext
 
 _LOG2E = 1.4426950408889634
 # A mixed step (prefill chunks after ~100 decodes at high load) attends its decodes with the decode kernel from
-# this many on: the extend kernel gives each decode a whole query tile of its own (the H100 measured 486 us per
-# layer for a prefill + 95 decodes through it against ~350 for the two kernels apart, bf16 cache; 566 vs ~280 fp8).
+# this many on: the extend kernel gives each decode a whole query tile of its own. H100, a 1439-token prefill after
+# 95 decodes, per layer: 513 us in one extend launch against 383 apart (bf16 cache), 579 against 337 (fp8);
+# `benchmarks/kernels.py --mixed`.
 MIN_MIXED_DECODES = 32
 
 
@@ -453,16 +454,13 @@ def qk_norm_rope_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_wei
     if ctx.is_decode:
         return decode_attention(q, kv_cache, ctx, scale,
                                 step_kv=StepKV(k, v, q_weight, k_weight, eps, positions, cos_sin_cache))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     d = _leading_decodes(ctx)
     if d < MIN_MIXED_DECODES:
-        q = qk_norm_rope_store_kv(q, k, v, q_weight, k_weight, eps, positions, cos_sin_cache, kv_cache,
-                                  ctx.slot_mapping, ctx.kv_scale)
-        return extend_attention(q, kv_cache, ctx, scale)
-    # A mixed step: its decodes as a decode step (one split each: the build a large decode graph uses), then the
-    # prefill chunks after them.
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    decode_attention(q[:d], kv_cache, ctx.head(d), scale, num_splits=1, out=out[:d],
-                     step_kv=StepKV(k[:d], v[:d], q_weight, k_weight, eps, positions[:d], cos_sin_cache))
+        d = 0
+    else:  # a mixed step's decodes as a decode step (one split each: the build a large decode graph uses)
+        decode_attention(q[:d], kv_cache, ctx.head(d), scale, num_splits=1, out=out[:d],
+                         step_kv=StepKV(k[:d], v[:d], q_weight, k_weight, eps, positions[:d], cos_sin_cache))
     rest = qk_norm_rope_store_kv(q[d:], k[d:], v[d:], q_weight, k_weight, eps, positions[d:], cos_sin_cache,
                                  kv_cache, ctx.slot_mapping[d:], ctx.kv_scale)
     extend_attention(rest, kv_cache, ctx, scale, first_seq=d, out=out[d:])
