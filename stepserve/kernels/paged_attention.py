@@ -455,18 +455,13 @@ def qk_norm_rope_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_wei
         return decode_attention(q, kv_cache, ctx, scale,
                                 step_kv=StepKV(k, v, q_weight, k_weight, eps, positions, cos_sin_cache))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    d = _leading_decodes(ctx)
-    if d < MIN_MIXED_DECODES:
-        d = 0
-    else:  # a mixed step's decodes as a decode step (one split each: the build a large decode graph uses)
-        decode_attention(q[:d], kv_cache, ctx.head(d), scale, num_splits=1, out=out[:d],
+    decodes = ctx.leading_decodes
+    d = decodes.batch_size if decodes.batch_size >= MIN_MIXED_DECODES else 0
+    if d:  # a mixed step's decodes as a decode step (one split each: the build a large decode graph uses)
+        decode_attention(q[:d], kv_cache, decodes, scale, num_splits=1, out=out[:d],
                          step_kv=StepKV(k[:d], v[:d], q_weight, k_weight, eps, positions[:d], cos_sin_cache))
     rest = qk_norm_rope_store_kv(q[d:], k[d:], v[d:], q_weight, k_weight, eps, positions[d:], cos_sin_cache,
                                  kv_cache, ctx.slot_mapping[d:], ctx.kv_scale)
     extend_attention(rest, kv_cache, ctx, scale, first_seq=d, out=out[d:])
     return out
 
-
-def _leading_decodes(ctx: ForwardContext) -> int:
-    """How many sequences at the front of the step have one new token (the scheduler puts decodes first)."""
-    return next((i for i, n in enumerate(ctx.q_lens_cpu) if n != 1), len(ctx.q_lens_cpu))

@@ -13,6 +13,7 @@ KV layout per layer: `kv_cache[0]` is K, `kv_cache[1]` is V, each [num_pages, pa
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +46,15 @@ class ForwardContext:
     def batch_size(self) -> int:
         return len(self.q_lens_cpu)
 
-    def head(self, n: int) -> ForwardContext:
-        """The context of the first n sequences alone (views of this one's device tensors)."""
-        q_lens, kv_lens = self.q_lens_cpu[:n], self.kv_lens_cpu[:n]
-        return ForwardContext(self.cu_q_lens[: n + 1], self.kv_lens[:n], self.block_tables[:n],
-                              self.slot_mapping[: sum(q_lens)], max(q_lens, default=0), max(kv_lens, default=0),
-                              q_lens, kv_lens, self.kv_scale)
+    @functools.cached_property
+    def leading_decodes(self) -> ForwardContext:
+        """The sequences at the front of the step with one new token each (the scheduler puts decodes first), as a
+        context of their own: views of this one's device tensors, built once per step for all its layers."""
+        n = next((i for i, q in enumerate(self.q_lens_cpu) if q != 1), self.batch_size)
+        kv_lens = self.kv_lens_cpu[:n]
+        return ForwardContext(self.cu_q_lens[: n + 1], self.kv_lens[:n], self.block_tables[:n], self.slot_mapping[:n],
+                              int(n > 0), max(kv_lens, default=0), self.q_lens_cpu[:n], kv_lens,
+                              self.kv_scale)
 
 
 _CONTEXT: ForwardContext | None = None
