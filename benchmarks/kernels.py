@@ -6,6 +6,7 @@ contexts of ~1.5k-2.5k) against their floors and the torch paths they replace.
     python benchmarks/kernels.py --fusions  # only the fused norm + rope + KV store vs the kernels it replaces
     python benchmarks/kernels.py --pdl-chain  # only the batch-1 decode chain with PDL off vs on
     python benchmarks/kernels.py --mixed      # only a mixed step's attention: its decodes split off or not
+    python benchmarks/kernels.py --extend     # only the extend kernel's launch configs on the seed's prefill shapes
 
 Floors use the measured ceilings of docs/performance (3.0 TB/s copy, 782 TFLOP/s bf16): bytes are each
 input read once and each output written once. "cold" times are triton.testing.do_bench medians (L2 flushed
@@ -333,18 +334,37 @@ def bench_mixed(results):
                      us["one extend"], "split", us["decodes split off"])
 
 
+# The seed's prefill shapes (q_lens, kv_lens): the extend kernel's launch configs are chosen on these.
+EXTEND_CASES = (([1439], [1439], "1x1439 prompt"), ([1439] * 2, [1439] * 2, "2x1439 prompts"),
+                ([700], [1439], "700 after 739 cached"), ([1] * 20 + [1439], [1800] * 20 + [3239], "20 decodes + 1x1439"),
+                ([200] * 8, [200] * 8, "8x200 prompts"))
+EXTEND_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4),
+                  (64, 128, 4, 3))  # (block_m, block_n, num_warps, num_stages); the first is the default
+
+
+def bench_extend_configs(results):
+    """Each launch config of EXTEND_CONFIGS on each of EXTEND_CASES, bf16 and fp8 caches."""
+    for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        for q_lens, kv_lens, label in EXTEND_CASES:
+            q, kv_cache, ctxs = paged_sets(q_lens, kv_lens, 16, 1, kv_dtype)
+            fn = lambda c=ctxs[0], **kw: extend_attention(q, kv_cache, c, SCALE, **kw)  # noqa: E731
+            grid = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s) for bm, bn, w, s in EXTEND_CONFIGS]
+            sweep(results, f"extend {label} {str(kv_dtype)[6:]}", fn, fn(), grid)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="skip the block-size sweeps")
     parser.add_argument("--fusions", action="store_true", help="only the fused rope + store vs the old kernels")
     parser.add_argument("--pdl-chain", action="store_true", help="only the b1 decode kernel chain, PDL off vs on")
     parser.add_argument("--mixed", action="store_true", help="only a mixed step's attention, split or not")
+    parser.add_argument("--extend", action="store_true", help="only the extend kernel's launch configs")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     results: list[dict] = []
-    if args.mixed:
-        bench_mixed(results)
+    if args.mixed or args.extend:
+        (bench_mixed if args.mixed else bench_extend_configs)(results)
         write_json(results)
         return
     print("CUDA-graph replay, per layer:")

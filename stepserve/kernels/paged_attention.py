@@ -409,12 +409,16 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContex
 
 
 def extend_attention(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, scale: float, *,
-                     first_seq: int = 0, out: torch.Tensor | None = None, block_m: int = 128, block_n: int = 64,
-                     num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
+                     first_seq: int = 0, out: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64,
+                     num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] (any mix of q_lens) over each sequence's cached keys.
 
     first_seq: q holds only the tokens of ctx's sequences first_seq.. (the rest of a mixed step). `out` (like q,
     contiguous) receives the result instead of a new tensor."""
+    # The launch config: of six swept on the H100 (Qwen3-8B heads; one or two 1439-token prompts, a 700-token chunk
+    # after 739 cached keys, 20 decodes + a prompt, eight 200-token prompts; bf16 and fp8 caches), 64 x 64 tiles,
+    # 4 warps, 3 stages was the fastest or within 8 % of it in every case, and 8-26 % faster than the 128 x 64 / 8 / 2
+    # it replaces (one 1439-token prompt: 101 -> 88 us bf16, 119 -> 97 us fp8; docs/benchmarks.md, session 11).
     num_heads, num_kv_heads, page_size = _check(q, kv_cache)
     _check_ctx(ctx)
     T, _, head_dim = q.shape
