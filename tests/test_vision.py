@@ -184,6 +184,29 @@ def test_compiled_blocks_share_one_graph_and_match_eager(model, configured):
         torch.testing.assert_close(g, w, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("projection", ["none", "weight", "weight_and_bias"])
+def test_attention_op_attends_within_each_sequence_and_projects_each_group(projection):
+    """The op's output, without its projection (a quantized out_proj runs after it) or with it (plain weights:
+    each group projected into its rows), against per-sequence softmax attention."""
+    from stepserve.models.perception_encoder import vision_attention
+
+    g = torch.Generator().manual_seed(0)
+    heads, dim = 2, 8
+    groups = torch.tensor([[1, 6], [3, 4]])  # one sequence of 6 tokens, then three of 4
+    q, k, v = (torch.randn(18, heads, dim, generator=g) for _ in range(3))
+    rows = []
+    for a, e in zip([0, 6, 10, 14], [6, 10, 14, 18]):
+        p = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:e], k[a:e]) * dim ** -0.5, dim=-1)
+        rows.append(torch.einsum("hqk,khd->qhd", p, v[a:e]).reshape(e - a, heads * dim))
+    want = torch.cat(rows)
+    weight = torch.randn(5, heads * dim, generator=g) if projection != "none" else None
+    bias = torch.randn(5, generator=g) if projection == "weight_and_bias" else None
+    if weight is not None:
+        want = want @ weight.T + (bias if bias is not None else 0)
+    got = vision_attention(q, k, v, groups, None, "math", weight, bias)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
 def test_unknown_options_are_refused():
     with pytest.raises(ValueError, match="attention"):
         VisionOptions(attention="fa9")

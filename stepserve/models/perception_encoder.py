@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stepserve.host_copy import to_device
+from stepserve.layers.linear import Linear
 from stepserve.layers.norm import scaled_add_layer_norm
 from stepserve.layers.quant import Fp8Config, make_linear
 from stepserve.models.configs import VisionConfig
@@ -84,38 +85,53 @@ def apply_rope2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 @torch.library.custom_op("stepserve::vision_attention", mutates_args=())
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: torch.Tensor,
-                     cu_seqlens: torch.Tensor | None, backend: str) -> torch.Tensor:
+                     cu_seqlens: torch.Tensor | None, backend: str, weight: torch.Tensor | None,
+                     bias: torch.Tensor | None) -> torch.Tensor:
     """Bidirectional attention within each sequence of a flat batch: q, k, v [T, heads, head_dim] (any strides
-    with a contiguous last dim) -> contiguous [T, heads * head_dim].
+    with a contiguous last dim) -> contiguous [T, heads * head_dim], then the output projection if given (weight
+    [out, heads * head_dim], bias or None) -> [T, out].
 
     groups: CPU int64 [G, 2], rows (sequences, tokens per sequence), laid out back to back along T.
     cu_seqlens: int32 offsets of every sequence on q's device (backend "varlen" only).
 
     An opaque op to torch.compile, so the compiled blocks neither copy q/k/v into another layout nor fix the
-    backend at trace time.
+    backend at trace time. With the projection, each group's output is projected straight into its rows of the
+    result instead of being concatenated first (H100, two 720p images, per layer: the concatenation took 50 us,
+    two GEMMs into slices 10 us more than one).
     """
     t, heads, head_dim = q.shape
     if backend == "varlen" and q.is_cuda:
         from torch.nn.attention.varlen import varlen_attn
 
         longest = int(groups[:, 1].max())
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest).reshape(t, -1).contiguous()
-    outs, start = [], 0
-    use = sdpa_kernel(_SDPA_BACKENDS[backend]) if q.is_cuda and backend in _SDPA_BACKENDS else contextlib.nullcontext()
-    with use:
-        for count, length in groups.tolist():
-            end = start + count * length
-            # [count * length, heads, D] -> [count, heads, length, D] views; the kernels read these strides
-            # and write the output in q's order, so reshaping it back to tokens is free.
-            seqs = [x[start:end].unflatten(0, (count, length)).transpose(1, 2) for x in (q, k, v)]
-            outs.append(F.scaled_dot_product_attention(*seqs).transpose(1, 2).reshape(end - start, -1))
-            start = end
-    return (outs[0] if len(outs) == 1 else torch.cat(outs)).contiguous()
+        outs = [varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest).reshape(t, -1)]
+    else:
+        outs, start = [], 0
+        use = sdpa_kernel(_SDPA_BACKENDS[backend]) if q.is_cuda and backend in _SDPA_BACKENDS else contextlib.nullcontext()
+        with use:
+            for count, length in groups.tolist():
+                end = start + count * length
+                # [count * length, heads, D] -> [count, heads, length, D] views; the kernels read these strides
+                # and write the output in q's order, so reshaping it back to tokens is free.
+                seqs = [x[start:end].unflatten(0, (count, length)).transpose(1, 2) for x in (q, k, v)]
+                outs.append(F.scaled_dot_product_attention(*seqs).transpose(1, 2).reshape(end - start, -1))
+                start = end
+    if weight is None:
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).contiguous()
+    out, start = q.new_empty(t, weight.shape[0]), 0
+    for o in outs:
+        rows = out[start:start + o.shape[0]]
+        if bias is None:
+            torch.mm(o, weight.t(), out=rows)
+        else:
+            torch.addmm(bias, o, weight.t(), out=rows)
+        start += o.shape[0]
+    return out
 
 
 @vision_attention.register_fake
-def _vision_attention_fake(q, k, v, groups, cu_seqlens, backend):
-    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+def _vision_attention_fake(q, k, v, groups, cu_seqlens, backend, weight, bias):
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2] if weight is None else weight.shape[0])
 
 
 class VisionAttention(nn.Module):
@@ -132,9 +148,11 @@ class VisionAttention(nn.Module):
                 cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(x.shape[0], 3, self.heads, self.head_dim)
         q, k, v = qkv.unbind(1)
-        o = vision_attention(apply_rope2d(q, cos, sin), apply_rope2d(k, cos, sin), v, groups, cu_seqlens,
-                             self.backend)
-        return self.out_proj(o)
+        q, k = apply_rope2d(q, cos, sin), apply_rope2d(k, cos, sin)
+        proj = self.out_proj
+        if isinstance(proj, Linear) and proj.activation is None:  # plain weights: the attention op applies them
+            return vision_attention(q, k, v, groups, cu_seqlens, self.backend, proj.weight, proj.bias)
+        return proj(vision_attention(q, k, v, groups, cu_seqlens, self.backend, None, None))
 
 
 class LayerScale(nn.Module):
