@@ -6,8 +6,11 @@ GPU busy time is the union of kernels, copies and memsets; a gap is a stretch wi
 split over the engine's host labels (schedule, launch, wait, collect, deliver) that overlap it; the rest is
 "unlabelled" (the engine loop between labels, or the GIL held by another thread). Also prints the labels' host
 durations, the CUDA runtime calls that held the host longest inside `launch` (a synchronizing call there stops
-the host from queueing the step's remaining work while the GPU drains), and the kernels that took the most GPU
-time.
+the host from queueing the step's remaining work while the GPU drains), the kernels that took the most GPU
+time, and the kernel time of each kind of step: a step's kernels are those its `launch` queued (matched by
+correlation id), and a step that ran a vision attention kernel (cuDNN / flash SDPA) is a "vision" step (the tower,
+with the prefill and the decodes beside it), any other a "text" step. Kernel times add up PDL overlaps twice (a
+kernel launched early waits inside its predecessor's tail); the busy time above does not.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections import defaultdict
 
 GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 HOST_LABELS = {"schedule", "launch", "wait", "collect", "deliver"}  # the engine's (stepserve/engine/profiler.py)
+VISION_ATTENTION = "sdpa"  # cuDNN's and FlashAttention's SDPA kernel names hold it; the decoder's kernels do not
 
 
 def busy_segments(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -79,6 +83,27 @@ def analyze(events: list[dict], min_gap: float) -> dict:
     for e in events:
         if e.get("ph") == "X" and e.get("cat") == "kernel":
             kernels[e["name"][:90]] += e["dur"]
+    step_of = {}  # correlation id of a runtime call inside a launch -> that launch's index
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            i = bisect.bisect_right(starts, e["ts"]) - 1
+            if i >= 0 and e["ts"] < launches[i][1]:
+                step_of[e["args"].get("correlation")] = i
+    step_kernels: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "kernel" and e["args"].get("correlation") in step_of:
+            step_kernels[step_of[e["args"]["correlation"]]][e["name"][:60]] += e["dur"]
+    kinds: dict[str, dict] = {}
+    for per_kernel in step_kernels.values():
+        vision = any(VISION_ATTENTION in name for name in per_kernel)
+        kind = kinds.setdefault("vision" if vision else "text", {"steps": 0, "kernel_ms": 0.0,
+                                                                 "by_kernel": defaultdict(float)})
+        kind["steps"] += 1
+        for name, us in per_kernel.items():
+            kind["kernel_ms"] += us / 1e3
+            kind["by_kernel"][name] += us / 1e3
+    for kind in kinds.values():
+        kind["by_kernel"] = dict(sorted(kind["by_kernel"].items(), key=lambda kv: -kv[1])[:8])
     return {
         "window_ms": window / 1e3, "gpu_busy_ms": busy / 1e3, "gpu_busy_fraction": busy / window,
         "gaps": len(gaps), "gap_ms": sum(b - a for a, b in gaps) / 1e3,
@@ -90,6 +115,7 @@ def analyze(events: list[dict], min_gap: float) -> dict:
         "launch_runtime_calls_ms": {k: {"count": len(v), "total": sum(v) / 1e3, "max": max(v) / 1e3}
                                     for k, v in sorted(runtime.items(), key=lambda kv: -sum(kv[1]))[:12]},
         "top_kernels_ms": {k: v / 1e3 for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:25]},
+        "steps": kinds,
     }
 
 
@@ -115,6 +141,9 @@ def main() -> None:
     print("top kernels (GPU ms):")
     for name, ms in report["top_kernels_ms"].items():
         print(f"  {ms:9.1f}  {name}")
+    for kind, d in report["steps"].items():
+        print(f"{kind} steps: {d['steps']}, kernels {d['kernel_ms']:.1f} ms ({d['kernel_ms'] / d['steps']:.2f} per step); "
+              "per step: " + ", ".join(f"{name} {ms / d['steps']:.2f}" for name, ms in d["by_kernel"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
