@@ -74,21 +74,17 @@ def analyze(events: list[dict], min_gap: float) -> dict:
     launches = sorted((a, b) for name, a, b in host if name == "launch")
     starts = [a for a, _ in launches]
     runtime: dict[str, list[float]] = defaultdict(list)
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
-            i = bisect.bisect_right(starts, e["ts"]) - 1
-            if i >= 0 and e["ts"] < launches[i][1]:
-                runtime[e["name"]].append(e["dur"])
-    kernels: dict[str, float] = defaultdict(float)
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") == "kernel":
-            kernels[e["name"][:90]] += e["dur"]
     step_of = {}  # correlation id of a runtime call inside a launch -> that launch's index
     for e in events:
         if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
             i = bisect.bisect_right(starts, e["ts"]) - 1
             if i >= 0 and e["ts"] < launches[i][1]:
+                runtime[e["name"]].append(e["dur"])
                 step_of[e["args"].get("correlation")] = i
+    kernels: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "kernel":
+            kernels[e["name"][:90]] += e["dur"]
     step_kernels: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for e in events:
         if e.get("ph") == "X" and e.get("cat") == "kernel" and e["args"].get("correlation") in step_of:
