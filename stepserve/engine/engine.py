@@ -8,6 +8,7 @@ import json
 import logging
 import queue
 import random
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -40,6 +41,12 @@ WARMUP_PROMPT = "Describe {} in one sentence."
 WARMUP_TOKENS = 4
 WARMUP_SIZE = (1280, 720)  # the benchmarks' image: a global view and 3 x 2 crops
 SLOW_STEP_S = 1.0  # a step this long holds every stream's next token back as long: worth a log line
+# The engine thread shares the GIL with the server's event loop. When a GPU wait returns while the loop is busy
+# (streaming ~6k chunks/s at concurrency 100), the engine thread waits for the loop to drop the GIL, up to one
+# switch interval (Python's default: 5 ms), before it can queue the next step. Seed throughput workload, 400
+# prompts on the H100: 3.44 / 3.49 / 3.50 req/s with 5 ms, 3.54 / 3.54 with 0.5 ms (GPU idle between steps
+# 1.6 -> 1.3 s of ~114); docs/benchmarks.md, session 12.
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def _warmup_image(seed: int) -> Image.Image:
@@ -334,6 +341,7 @@ class AsyncEngine:
 
     async def start(self) -> None:
         if self._thread is None:
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # process-wide: the server runs one engine
             self._thread = threading.Thread(target=self._loop, name="stepserve-engine", daemon=True)
             self._thread.start()
 
