@@ -44,7 +44,7 @@ SLOW_STEP_S = 1.0  # a step this long holds every stream's next token back as lo
 # The engine thread shares the GIL with the server's event loop. When a GPU wait returns while the loop is busy
 # (streaming ~6k chunks/s at concurrency 100), the engine thread waits for the loop to drop the GIL, up to one
 # switch interval (Python's default: 5 ms), before it can queue the next step. Seed throughput workload, 400
-# prompts on the H100: 3.44 / 3.49 / 3.50 req/s with 5 ms, 3.54 / 3.54 with 0.5 ms (GPU idle between steps
+# prompts on the H100: 3.44-3.50 req/s in four runs with 5 ms, 3.54 in two with 0.5 ms (GPU idle between steps
 # 1.6 -> 1.3 s of ~114); docs/benchmarks.md, session 12.
 GIL_SWITCH_INTERVAL_S = 0.0005
 
