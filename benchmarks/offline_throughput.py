@@ -12,7 +12,8 @@ the sampled output length, as the benchmark's requests. A new request enters as 
 temporary directory (`--load-format dummy` either way).
 
 On CUDA every engine step's GPU work is bracketed by CUDA events: "GPU busy" sums each step's span, "GPU idle" the
-gaps between one step's end and the next one's start (time the GPU waited for the host).
+gaps between one step's end and the next one's start (time the GPU waited for the host); both are split between
+vision steps (the tower and prefill of new prompts beside the running decodes) and text steps.
 """
 
 from __future__ import annotations
@@ -52,10 +53,13 @@ class StepTimer:
 
     def totals(self) -> dict:
         torch.cuda.synchronize()
-        busy = sum(s.elapsed_time(e) for s, e, _ in self.spans)
+        busy = [(s.elapsed_time(e), vision) for s, e, vision in self.spans]
         gaps = [(prev[1].elapsed_time(s), vision) for prev, (s, _, vision) in zip(self.spans, self.spans[1:])]
-        return {"gpu_busy_s": busy / 1e3, "gpu_idle_s": sum(max(g, 0.0) for g, _ in gaps) / 1e3,
-                "gpu_idle_before_vision_steps_s": sum(max(g, 0.0) for g, v in gaps if v) / 1e3}
+        return {"gpu_busy_s": sum(ms for ms, _ in busy) / 1e3, "gpu_idle_s": sum(max(g, 0.0) for g, _ in gaps) / 1e3,
+                "gpu_idle_before_vision_steps_s": sum(max(g, 0.0) for g, v in gaps if v) / 1e3,
+                "vision_steps": sum(v for _, v in busy), "vision_steps_busy_s": sum(ms for ms, v in busy if v) / 1e3,
+                "text_steps": sum(not v for _, v in busy),
+                "text_steps_busy_s": sum(ms for ms, v in busy if not v) / 1e3}
 
 
 def prepare(engine: Engine, num: int, seed: int) -> list[tuple]:
