@@ -12,8 +12,9 @@ the sampled output length, as the benchmark's requests. A new request enters as 
 temporary directory (`--load-format dummy` either way).
 
 On CUDA every engine step's GPU work is bracketed by CUDA events: "GPU busy" sums each step's span, "GPU idle" the
-gaps between one step's end and the next one's start (time the GPU waited for the host); both are split between
-vision steps (the tower and prefill of new prompts beside the running decodes) and text steps.
+gaps between one step's end and the next one's start (time the GPU waited for the host). The busy time is also given
+per kind of step, vision steps (the tower and prefill of new prompts beside the running decodes) and text steps, and
+the idle time before vision steps on its own.
 """
 
 from __future__ import annotations
