@@ -64,8 +64,7 @@ class StepTimer:
 
 
 def prepare(engine: Engine, num: int, seed: int) -> list[tuple]:
-    reqs = sample_image_requests(engine.tokenizer, num, 2, 128, 1024, 0.0, "720p", "jpeg", "random",
-                                 np.random.default_rng(seed))
+    reqs = sample_image_requests(engine.tokenizer, num, 2, 128, 1024, 0.0, "720p", "jpeg", "random", seed)
     out = []
     for r in reqs:
         content = [{"type": "image_url", "image_url": {"url": u}} for u in r.image_data]

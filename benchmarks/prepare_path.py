@@ -30,7 +30,6 @@ import time
 from collections import defaultdict
 
 import httpx
-import numpy as np
 import uvicorn
 from starlette.requests import Request
 
@@ -52,8 +51,7 @@ PREPARE_SUM = "stepserve_request_prepare_seconds_sum"
 
 def seed_payloads(tokenizer, n: int, image_format: str, seed: int) -> list[dict]:
     """`n` seed-shaped chat requests, each with fresh random images (no cache can serve a repeat)."""
-    rng = np.random.default_rng(seed)
-    reqs = sample_image_requests(tokenizer, n, 2, 128, 1, 1.0, "720p", image_format, "random", rng)
+    reqs = sample_image_requests(tokenizer, n, 2, 128, 1, 1.0, "720p", image_format, "random", seed)
     return [build_payload(True, "stepserve-tiny", r.prompt, r.image_data, 1, True, True, {}) for r in reqs]
 
 

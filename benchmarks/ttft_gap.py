@@ -64,7 +64,7 @@ async def main() -> None:
     base = f"http://127.0.0.1:{args.port}"
     model = args.model or httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
     reqs = sample_image_requests(load_tokenizer(args.tokenizer), args.requests + 1, 2, 128, 1, 1.0, "720p", "jpeg",
-                                 "random", np.random.default_rng(args.seed))
+                                 "random", args.seed)
     rows = []
     async with make_async_client() as client:
         for i, r in enumerate(reqs):

@@ -8,9 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from stepserve.bench.datasets import random_lens
+from stepserve.bench.datasets import seeded_lens
 from stepserve.testing import tiny_checkpoint
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "offline_throughput.py"
@@ -24,10 +22,7 @@ def test_offline_throughput_runs_every_request_to_its_length(tmp_path):
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "offline_throughput.json").read_text())
-    # The dataset draws input lengths, then output lengths, from the seeded generator (bench serving's order).
-    rng = np.random.default_rng(5)
-    random_lens(128, 0.0, 3, rng)
-    output_lens = random_lens(1024, 0.0, 3, rng)
+    _, output_lens = seeded_lens(128, 1024, 0.0, 3, 5)
     assert result["output_tokens"] == sum(output_lens)
     assert result["num_prompts"] == 3 and result["req_per_s"] > 0
     assert result["steps"] >= max(output_lens)  # a sequence decodes one token per step

@@ -26,12 +26,21 @@ class BenchRequest:
     image_data: list[str] = field(default_factory=list)   # data: URLs
 
 
-def random_lens(full_len: int, range_ratio: float, num: int, rng: np.random.Generator) -> list[int]:
+def random_lens(full_len: int, range_ratio: float, num: int, state: np.random.RandomState) -> list[int]:
     """Lengths drawn uniformly from [max(1, full_len * range_ratio), full_len] (SGLang's rule)."""
     if full_len <= 0:
         return [0] * num
     low = max(int(full_len * range_ratio), 1)
-    return [int(x) for x in rng.integers(low, full_len + 1, size=num)]
+    return [int(x) for x in state.randint(low, full_len + 1, size=num)]
+
+
+def seeded_lens(input_len: int, output_len: int, range_ratio: float, num: int,
+                seed: int) -> tuple[list[int], list[int]]:
+    """Input then output lengths, drawn as SGLang's bench_serving draws them: numpy's legacy generator seeded
+    with `seed`, input lengths first. The same flags then give the same workload: the seed's throughput command
+    (seed 1, 1000 prompts) generates 510855 tokens here as in its report."""
+    state = np.random.RandomState(seed)
+    return random_lens(input_len, range_ratio, num, state), random_lens(output_len, range_ratio, num, state)
 
 
 def parse_image_resolution(spec: str) -> tuple[int, int]:
@@ -76,12 +85,12 @@ def chat_text_len(tokenizer: Any, text: str) -> int:
 
 
 def sample_random_requests(tokenizer: Any, num: int, input_len: int, output_len: int, range_ratio: float,
-                           rng: np.random.Generator) -> list[BenchRequest]:
+                           seed: int) -> list[BenchRequest]:
     """Prompts of random vocabulary tokens with SGLang's random length rule."""
     vocab = _text_token_ids(tokenizer)
     special = int(tokenizer.num_special_tokens_to_add())
-    in_lens = random_lens(input_len, range_ratio, num, rng)
-    out_lens = random_lens(output_len, range_ratio, num, rng)
+    in_lens, out_lens = seeded_lens(input_len, output_len, range_ratio, num, seed)
+    rng = np.random.default_rng(seed)
     # The server adds special tokens (BOS) itself; leave room so the prompt lands on the drawn length.
     return [BenchRequest(random_text(tokenizer, max(0, n - special), rng, vocab), n, m)
             for n, m in zip(in_lens, out_lens)]
@@ -124,15 +133,15 @@ def make_image_data_url(width: int, height: int, content: str, image_format: str
 
 def sample_image_requests(tokenizer: Any, num: int, image_count: int, input_len: int, output_len: int,
                           range_ratio: float, resolution: str, image_format: str, image_content: str,
-                          rng: np.random.Generator) -> list[BenchRequest]:
+                          seed: int) -> list[BenchRequest]:
     """`image_count` synthetic images per request plus a random text prompt (SGLang's image dataset).
 
     Only the text is counted here; the vision tokens come from the server's `usage.prompt_tokens` at run time.
     """
     width, height = parse_image_resolution(resolution)
     vocab = _text_token_ids(tokenizer)
-    in_lens = random_lens(input_len, range_ratio, num, rng)
-    out_lens = random_lens(output_len, range_ratio, num, rng)
+    in_lens, out_lens = seeded_lens(input_len, output_len, range_ratio, num, seed)
+    rng = np.random.default_rng(seed)
     requests = []
     for n, m in zip(in_lens, out_lens):
         text = random_text(tokenizer, n, rng, vocab)

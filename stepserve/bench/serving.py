@@ -85,18 +85,18 @@ def load_tokenizer(tokenizer: str | None, model: str | None, base_url: str | Non
     return loader.load_tokenizer(loader.resolve_model_dir(model, download_weights=False))
 
 
-def make_requests(args: argparse.Namespace, tokenizer: Any, rng: np.random.Generator) -> list[datasets.BenchRequest]:
+def make_requests(args: argparse.Namespace, tokenizer: Any) -> list[datasets.BenchRequest]:
     if args.dataset_name == "image":
         return datasets.sample_image_requests(
             tokenizer, args.num_prompts, args.image_count, args.random_input_len, args.random_output_len,
-            args.random_range_ratio, args.image_resolution, args.image_format, args.image_content, rng)
+            args.random_range_ratio, args.image_resolution, args.image_format, args.image_content, args.seed)
     if args.dataset_name == "sharegpt":
         if not args.dataset_path:
             raise SystemExit("--dataset-name sharegpt needs --dataset-path (a local ShareGPT JSON file)")
         return datasets.sample_sharegpt_requests(args.dataset_path, args.num_prompts, tokenizer, args.seed,
                                                  args.sharegpt_output_len, args.sharegpt_context_len)
     return datasets.sample_random_requests(tokenizer, args.num_prompts, args.random_input_len,
-                                           args.random_output_len, args.random_range_ratio, rng)
+                                           args.random_output_len, args.random_range_ratio, args.seed)
 
 
 class Runner:
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--model not given and {base_url}/v1/models did not answer")
     tokenizer = load_tokenizer(args.tokenizer, args.model or model, base_url)
 
-    requests = make_requests(args, tokenizer, rng)
+    requests = make_requests(args, tokenizer)
     if args.dataset_name == "image":
         print(f"#Input text tokens: {sum(r.prompt_len for r in requests)} (vision tokens: counted by the server)")
         print(f"#Total images: {sum(len(r.image_data) for r in requests)}")
