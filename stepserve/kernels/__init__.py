@@ -9,7 +9,7 @@ attention kernels launch with programmatic dependent launch (`pdl`; STEPSERVE_PD
 from __future__ import annotations
 
 from stepserve.kernels.activation import silu_and_mul
-from stepserve.kernels.fp8_gemm import fp8_gemm
+from stepserve.kernels.fp8_gemm import fp8_gemm, fp8_mlp
 from stepserve.kernels.gemv import linear
 from stepserve.kernels.layer_norm import scaled_add_layer_norm
 from stepserve.kernels.paged_attention import decode_attention, extend_attention, paged_attention, qk_norm_rope_attend
@@ -29,6 +29,7 @@ LAYER_KERNELS = {
     "qk_norm_rope_attend": qk_norm_rope_attend,
     "silu_and_mul": silu_and_mul,
     "fp8_linear": fp8_gemm,
+    "fp8_mlp": fp8_mlp,  # the vision MLP's, when its linears are fp8
     "linear": linear,
     "top_p_cut": top_p_cut,  # the sampler's
 }
@@ -44,6 +45,6 @@ def install_triton_kernels(enable: bool = True) -> None:
     set_attention_backend(paged_attention if enable else None)
 
 
-__all__ = ["apply_rotary", "decode_attention", "extend_attention", "fp8_gemm", "fused_add_rms_norm",
+__all__ = ["apply_rotary", "decode_attention", "extend_attention", "fp8_gemm", "fp8_mlp", "fused_add_rms_norm",
            "install_triton_kernels", "paged_attention", "qk_norm_rope", "qk_norm_rope_attend", "qk_norm_rope_store_kv",
            "rms_norm", "scaled_add_layer_norm", "silu_and_mul", "top_p_cut", "LAYER_KERNELS"]

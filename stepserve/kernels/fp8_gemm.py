@@ -87,15 +87,41 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tens
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def fp8_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_scale_inv: torch.Tensor, fc_bias: torch.Tensor | None,
+            proj_weight: torch.Tensor, proj_scale_inv: torch.Tensor, proj_bias: torch.Tensor | None,
+            activation: str | None) -> torch.Tensor:
+    """`stepserve.layers.quant.fp8_mlp` on CUDA. On the scaled_mm path the first GEMM's output stays without its
+    bias and activation; the quantization of the second GEMM's input applies both in the same pass (on the vision
+    MLP's [tokens, 8960] hidden, one read in bf16 and one write in fp8 instead of Inductor's three passes)."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    paths = {fp8_path(M, w.shape[0], w.shape[1], x.dtype, x.device) for w in (fc_weight, proj_weight)}
+    if paths != {"scaled_mm"} or activation not in (None, "quick_gelu"):
+        return fp8_gemm(fp8_gemm(x, fc_weight, fc_scale_inv, fc_bias, activation), proj_weight, proj_scale_inv,
+                        proj_bias)
+    rows = cdiv(M, 4) * 4
+    mm = block_scaled_mm if torch.compiler.is_compiling() else _block_scaled_mm
+    hidden = mm(*quantize_groups(x2, rows), fc_weight, fc_scale_inv, x.dtype)[:M]
+    out = mm(*quantize_groups(hidden, rows, fc_bias, activation), proj_weight, proj_scale_inv, x.dtype)[:M]
+    if proj_bias is not None:
+        out = out.add_(proj_bias)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 # -- scaled_mm: activation quantization + cuBLAS ------------------------------------------------------------
 @triton.jit
-def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_sk, FP8_MAX: tl.constexpr,
-                            GROUPS: tl.constexpr, BLOCK: tl.constexpr):
+def _quantize_groups_kernel(x_ptr, bias_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_sk, FP8_MAX: tl.constexpr,
+                            GROUPS: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
     row = tl.program_id(0)
     g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     cols = g[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [GROUPS, BLOCK]
     x_cols = tl.where(row < M, K, 0)  # rows M.. are padding: zeros with scale 1
     x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + cols, mask=cols < x_cols, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + cols, mask=cols < x_cols, other=0.0).to(tl.float32)
+    if GELU:  # quick-GELU, rounded to x's dtype first as the unfused layer's output would be
+        x = (x * tl.sigmoid(1.702 * x)).to(x_ptr.dtype.element_ty).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
     scale = tl.where(amax > 0, amax / FP8_MAX, 1.0)
     q = x / scale[:, None]
@@ -103,22 +129,43 @@ def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_sk, FP8
     tl.store(s_ptr + g * stride_sk + row, scale, mask=g < tl.cdiv(K, BLOCK))
 
 
-def quantize_groups(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> fp8 [rows, K] and float32 scales [rows, K / 128] (column-major, as cuBLAS wants them, from
-    the Triton kernel); rows >= M are zero (cuBLAS wants the row count a multiple of 4). Same math as
-    `quantize_fp8_per_token_group`."""
+def quantize_groups(x: torch.Tensor, rows: int, bias: torch.Tensor | None = None,
+                    activation: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """activate(x + bias) for x [M, K] -> fp8 [rows, K] and float32 scales [rows, K / 128] (column-major, as
+    cuBLAS wants them, from the Triton kernel); rows >= M are zero (cuBLAS wants the row count a multiple of
+    4). Same math as `quantize_fp8_per_token_group`; activation: None or "quick_gelu"."""
     M, K = x.shape
-    if torch.compiler.is_compiling():
+    if activation not in (None, "quick_gelu"):
+        raise ValueError(f"quantize_groups applies no activation {activation!r}")
+    if torch.compiler.is_compiling() and bias is None and activation is None:
         # Inside a compiled graph, plain torch ops: Inductor fuses them into the kernel that produces x (a layer
         # norm, quick-GELU), so the activation is read once in bf16 and written once in fp8.
         return quantize_fp8_per_token_group(F.pad(x, (0, 0, 0, rows - M)))
+    fn = quantize_groups_op if torch.compiler.is_compiling() else _quantize_groups
+    return fn(x, rows, bias, activation)
+
+
+def _quantize_groups(x: torch.Tensor, rows: int, bias: torch.Tensor | None,
+                     activation: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    M, K = x.shape
     q = torch.empty(rows, K, dtype=FP8_DTYPE, device=x.device)
     s = torch.empty(cdiv(K, BLOCK), rows, dtype=torch.float32, device=x.device)
     groups = 8
-    _quantize_groups_kernel[(rows, cdiv(cdiv(K, BLOCK), groups))](x, q, s, M, K, x.stride(0), s.stride(0),
-                                                                  FP8_MAX=FP8_MAX, GROUPS=groups, BLOCK=BLOCK,
-                                                                  num_warps=4)
+    _quantize_groups_kernel[(rows, cdiv(cdiv(K, BLOCK), groups))](
+        x, bias, q, s, M, K, x.stride(0), s.stride(0), FP8_MAX=FP8_MAX, GROUPS=groups, BLOCK=BLOCK,
+        HAS_BIAS=bias is not None, GELU=activation == "quick_gelu", num_warps=4)
     return q, s.t()
+
+
+# Compiled graphs (the vision tower) call the fused bias + activation + quantization as one opaque kernel: Inductor
+# splits it into two passes (the group maxima, then the activation again and the quantization).
+quantize_groups_op = torch.library.custom_op("stepserve::quantize_groups", _quantize_groups, mutates_args=())
+
+
+@quantize_groups_op.register_fake
+def _quantize_groups_fake(x, rows, bias, activation):
+    return (x.new_empty(rows, x.shape[1], dtype=FP8_DTYPE),
+            x.new_empty(cdiv(x.shape[1], BLOCK), rows, dtype=torch.float32).t())
 
 
 def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,

@@ -80,6 +80,16 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     return activate(F.linear(x, dequantize_fp8_blockwise(weight, weight_scale_inv, x.dtype), bias), activation)
 
 
+@dispatched
+def fp8_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_scale_inv: torch.Tensor, fc_bias: torch.Tensor | None,
+            proj_weight: torch.Tensor, proj_scale_inv: torch.Tensor, proj_bias: torch.Tensor | None,
+            activation: str | None) -> torch.Tensor:
+    """proj(activate(fc(x))) for two block-fp8 linears (the vision MLP's c_fc, c_proj). On CUDA the first one's
+    bias and activation are applied where the second one's input is quantized (one pass over the hidden)."""
+    hidden = fp8_linear.reference(x, fc_weight, fc_scale_inv, fc_bias, activation)
+    return fp8_linear.reference(hidden, proj_weight, proj_scale_inv, proj_bias)
+
+
 class Fp8Linear(nn.Module):
     """A linear layer with a block-fp8 weight; `output_sizes` > 1 entry merges several checkpoint matrices
     (each but the last a multiple of 128 rows, so every scale row belongs to one of them).

@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from stepserve.host_copy import to_device
 from stepserve.layers.linear import Linear
 from stepserve.layers.norm import scaled_add_layer_norm
-from stepserve.layers.quant import Fp8Config, make_linear
+from stepserve.layers.quant import Fp8Config, Fp8Linear, fp8_mlp, make_linear
 from stepserve.models.configs import VisionConfig
 
 _SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -171,7 +171,11 @@ class VisionMLP(nn.Module):
         self.c_proj = make_linear(quant, f"{prefix}.c_proj", cfg.mlp_dim, cfg.width, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.c_fc(x))
+        fc, proj = self.c_fc, self.c_proj
+        if isinstance(fc, Fp8Linear) and isinstance(proj, Fp8Linear):
+            return fp8_mlp(x, fc.weight, fc.weight_scale_inv, fc.bias, proj.weight, proj.weight_scale_inv, proj.bias,
+                           fc.activation)
+        return proj(fc(x))
 
 
 class VisionBlock(nn.Module):

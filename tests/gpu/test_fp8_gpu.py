@@ -115,6 +115,33 @@ def test_fused_activation_through_the_layer_function(m):
     assert out.shape == (m, 12288) and rel(out, F.silu(gate) * up) < (1e-2 if m <= SKINNY_MAX else 0.06)
 
 
+@pytest.mark.parametrize("m", [1, 37, 2048])
+def test_fp8_mlp_applies_the_first_bias_and_gelu_in_the_quantization(m):
+    """The vision MLP in fp8 (`fp8_mlp`): the first GEMM's bias + quick-GELU are applied as the second one's input
+    is quantized; it computes what the two layers compute one after the other (1 row: the skinny path does)."""
+    from stepserve.kernels.fp8_gemm import fp8_gemm, fp8_mlp, quantize_groups
+    from stepserve.layers.quant import quantize_fp8_per_token_group
+
+    g = torch.Generator(device=DEV).manual_seed(m)
+    fc, proj = _weights(1024, 256, g), _weights(256, 1024, g)
+    fc_b, proj_b = (torch.randn(n, device=DEV, generator=g, dtype=torch.bfloat16) for n in (1024, 256))
+    x = torch.randn(2, m, 256, device=DEV, generator=g, dtype=torch.bfloat16)
+    out = fp8_mlp(x, *fc, fc_b, *proj, proj_b, "quick_gelu")
+    ref = fp8_gemm(fp8_gemm(x, *fc, fc_b, "quick_gelu"), *proj, proj_b)
+    h = _weight_only(x, *fc, fc_b)
+    exact = _weight_only(h * torch.sigmoid(1.702 * h), *proj, proj_b)
+    # The two W8A8 paths round the hidden to bf16 at different points (before / after bias and activation), so
+    # ~3 % of its fp8 roundings differ (each 1/16 of the value): ~1 % apart. Activation rounding: 0.06.
+    assert out.shape == (2, m, 256) and rel(out, ref) < 3e-2 and rel(out, exact) < 0.06
+    # The fused quantization itself, rounding included, against the plain torch one.
+    h = torch.randn(m, 1024, device=DEV, generator=g, dtype=torch.bfloat16)
+    q, s = quantize_groups(h, -(-m // 4) * 4, fc_b, "quick_gelu")
+    a = h.float() + fc_b.float()  # in float32, rounded to bf16 after the activation, as the kernel does
+    ref_q, ref_s = quantize_fp8_per_token_group((a * torch.sigmoid(1.702 * a)).to(torch.bfloat16).float())
+    assert torch.allclose(s[:m], ref_s, rtol=1e-2) and rel(q[:m].float() * s[:m].repeat_interleave(128, 1),
+                                                          ref_q.float() * ref_s.repeat_interleave(128, 1)) < 1e-2
+
+
 def test_gemm_ragged_and_3d():
     from stepserve.kernels.fp8_gemm import fp8_gemm
 
