@@ -2,7 +2,7 @@
 by themselves, to compare with the served rate of the same prompts.
 
     python benchmarks/offline_throughput.py [--model-dir DIR] [--num-prompts 400] [--max-concurrency 100]
-        [--quantization fp8] [--kv-cache-dtype fp8_e4m3]
+        [--quantization fp8 [--quantize-vision]] [--kv-cache-dtype fp8_e4m3]
 
 The prompts are those `stepserve bench serving --dataset-name image --image-count 2 --image-resolution 720p
 --random-input-len 128 --random-output-len 1024` sends (same generator and seed), each rendered through the chat
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--max-concurrency", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1, help="the dataset seed (bench serving's default)")
     parser.add_argument("--quantization", default=None)
+    parser.add_argument("--quantize-vision", action="store_true")
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--context-length", type=int, default=32768)
     args = parser.parse_args()
@@ -111,7 +112,8 @@ def main() -> None:
         model_dir = tempfile.mkdtemp(prefix="stepserve-dummy-")
         real_dummy_checkpoint(model_dir)
     engine = Engine(EngineConfig(model=model_dir, load_format="dummy", context_length=args.context_length,
-                                 quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype))
+                                 quantization=args.quantization, quantize_vision=args.quantize_vision,
+                                 kv_cache_dtype=args.kv_cache_dtype))
     mark = time.perf_counter()
     requests = prepare(engine, args.num_prompts, args.seed)
     print(f"{len(requests)} requests prepared in {time.perf_counter() - mark:.1f} s: mean prompt "

@@ -15,7 +15,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         names = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", [])]
         kind = hints[f.name]
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%")  # argparse formats it
         if kind is bool:
             parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
             continue

@@ -182,13 +182,15 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | str, device: torch.device | str,
-               load_format: str = "auto", seed: int = 0, quantization: str | None = None) -> torch.nn.Module:
+               load_format: str = "auto", seed: int = 0, quantization: str | None = None,
+               quantize_vision: bool = False) -> torch.nn.Module:
     """Build the model of `model_dir/config.json` on `device` and fill its weights.
 
     load_format: "auto" / "safetensors" read the shards; "dummy" reads no weight files (random weights;
     without a config.json it builds the real Step3-VL-10B size).
     quantization: "fp8" quantizes a bf16 checkpoint's decoder linears block-wise as they load; a checkpoint
-    whose config has an fp8 `quantization_config` loads its fp8 layers as stored either way.
+    whose config has an fp8 `quantization_config` loads its fp8 layers as stored either way. quantize_vision:
+    with quantization="fp8", the model's `fp8_vision_prefixes` (its vision MLPs) are quantized as well.
     """
     start = time.perf_counter()
     model_dir, device = Path(model_dir), torch.device(device)
@@ -203,7 +205,14 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str, device: torch.de
     cls = model_class(hf_config)
     qc = hf_quantization_config(hf_config)
     stored = _stored_dtypes(_weight_files(model_dir)) if qc is not None and load_format != "dummy" else None
-    quant = fp8_config(qc, quantization, stored, getattr(cls, "packed_modules_mapping", {}))
+    online = ("model.layers.",)
+    if quantize_vision:
+        if quantization != "fp8":
+            raise ModelLoadError("quantize_vision needs quantization='fp8' (it quantizes a bf16 tower at load time)")
+        if not getattr(cls, "fp8_vision_prefixes", ()):
+            raise ModelLoadError(f"{cls.__name__} has no vision tower to quantize")
+        online += cls.fp8_vision_prefixes
+    quant = fp8_config(qc, quantization, stored, getattr(cls, "packed_modules_mapping", {}), online)
     with torch.device(device):
         model = cls(cls.config_class.from_dict(hf_config), dtype, **({"quant": quant} if quant is not None else {}))
     model.eval()

@@ -293,6 +293,23 @@ def test_online_quantization_of_the_tiny_model(tiny_model_dir):
     assert 1e-3 < rel_err(got, want) < 0.2
 
 
+def test_online_quantization_of_the_vision_mlps(bf16_dir):
+    """--quantize-vision: the tower's c_fc / c_proj join the decoder linears in fp8 (out_proj, the projector and
+    the patch embedding stay); its output moves by fp8 rounding only. Without --quantization fp8 it is refused."""
+    exact = load_model(bf16_dir, torch.float32, "cpu")
+    online = load_model(bf16_dir, torch.float32, "cpu", quantization="fp8", quantize_vision=True)
+    blocks = online.vision_model.transformer.resblocks
+    vision = {n for n, m in online.named_modules() if isinstance(m, Fp8Linear) and n.startswith("vision_model.")}
+    assert vision == {f"vision_model.transformer.resblocks.{i}.mlp.{leaf}"
+                      for i in range(len(blocks)) for leaf in ("c_fc", "c_proj")}
+    assert type(blocks[0].attn.out_proj) is Linear and type(online.vit_large_projector) is Linear
+    pixels = [torch.randn(1, 3, 728, 728, generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        assert 1e-4 < rel_err(online.vision_model(pixels)[0], exact.vision_model(pixels)[0]) < 0.1
+    with pytest.raises(ModelLoadError, match="quantize_vision"):
+        load_model(bf16_dir, torch.float32, "cpu", quantize_vision=True)
+
+
 def test_dummy_fp8_weights_are_the_quantized_dummy_weights(bf16_dir):
     bf16 = load_model(bf16_dir, torch.float32, "cpu", load_format="dummy", seed=3)
     fp8 = load_model(bf16_dir, torch.float32, "cpu", load_format="dummy", seed=3, quantization="fp8")
@@ -350,6 +367,16 @@ def test_inconsistent_fp8_checkpoints_fail_clearly(fp8_dir, tmp_path, case, matc
 def test_unknown_quantization_flag(tiny_model_dir):
     with pytest.raises(ModelLoadError, match="unknown quantization 'int4'"):
         load_model(tiny_model_dir, torch.float32, "cpu", quantization="int4")
+
+
+def test_server_flags_reach_the_config(capsys):
+    from stepserve.cli import parse_server_args
+
+    args = parse_server_args(["--quantization", "fp8", "--quantize-vision"])
+    assert args.quantization == "fp8" and args.quantize_vision and args.engine_config().quantize_vision
+    with pytest.raises(SystemExit):  # every help text renders (a bare % in one once broke --help)
+        parse_server_args(["--help"])
+    assert "--quantize-vision" in capsys.readouterr().out
 
 
 # -- fp8 KV cache ----------------------------------------------------------------------------------------

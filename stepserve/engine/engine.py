@@ -90,7 +90,7 @@ class Engine:
         self.image_processor = ImageProcessor(self.token_ids)
         start = time.perf_counter()
         model = loader.load_model(self.model_dir, self.dtype, self.device, config.load_format, config.seed,
-                                  config.quantization)
+                                  config.quantization, config.quantize_vision)
         self.runner = ModelRunner(config, model, self.device, self.dtype, self.eos_ids, len(self.tokenizer))
         pool_tokens = self.runner.num_pages * config.page_size
         if pool_tokens < self.context_length:  # one sequence must always fit, or preemption cannot help it

@@ -10,7 +10,7 @@ weight and calls F.linear.
 Which modules are fp8 is `Fp8Config.is_fp8`: for a checkpoint, exactly those whose weights it stores in fp8
 (and not named in its ignore lists); for `--quantization fp8` on a bf16 checkpoint (quantized at load) and
 for dummy weights, the decoder layers' linears only, as vLLM does: the embedding, lm_head, vision tower and
-projector stay in the activation dtype.
+projector stay in the activation dtype (`--quantize-vision` adds the vision MLPs).
 """
 
 from __future__ import annotations
@@ -213,11 +213,13 @@ def hf_quantization_config(hf_config: dict) -> dict | None:
 
 
 def fp8_config(qc: dict | None, quantization: str | None, stored_dtypes: dict[str, str] | None,
-               packed_modules_mapping: dict[str, tuple[str, int]]) -> Fp8Config | None:
+               packed_modules_mapping: dict[str, tuple[str, int]],
+               online_prefixes: tuple[str, ...] = ("model.layers.",)) -> Fp8Config | None:
     """The Fp8Config for a checkpoint's `quantization_config` and the `--quantization` flag; None: no fp8.
 
     stored_dtypes: checkpoint tensor name -> safetensors dtype ("F8_E4M3", "BF16", ...); None for dummy weights.
     packed_modules_mapping: the model's {checkpoint leaf: (fused leaf, shard)}.
+    online_prefixes: the modules quantized at load time when the checkpoint is not fp8 (see `Fp8Config`).
     """
     packed: dict[str, tuple[str, ...]] = {}
     for src, (dst, _) in sorted(packed_modules_mapping.items(), key=lambda kv: kv[1][1]):
@@ -225,7 +227,7 @@ def fp8_config(qc: dict | None, quantization: str | None, stored_dtypes: dict[st
     if quantization not in (None, "fp8"):
         raise ModelLoadError(f"unknown quantization {quantization!r}; only fp8 (block-wise) is supported")
     if qc is None:
-        return None if quantization is None else Fp8Config(packed=packed)
+        return None if quantization is None else Fp8Config(packed=packed, online_prefixes=online_prefixes)
     method = qc.get("quant_method")
     if method != "fp8":
         raise ModelLoadError(f"checkpoint quantization {method!r} is not supported (only block-wise fp8)")

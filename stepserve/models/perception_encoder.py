@@ -142,7 +142,10 @@ class VisionAttention(nn.Module):
         # nn.MultiheadAttention's layout: q, k, v stacked along the output dim.
         self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.width, cfg.width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * cfg.width))
-        self.out_proj = make_linear(quant, f"{prefix}.out_proj", cfg.width, cfg.width, bias=True)
+        # Quantized at load time, out_proj stays in bf16: at 1536 x 1536 its fp8 GEMM saves less than quantizing
+        # its input costs (H100, two 720p images: 0.174 + 0.095 ms against 0.193). An fp8 checkpoint's loads as stored.
+        out_quant = None if quant is not None and quant.quantize_on_load else quant
+        self.out_proj = make_linear(out_quant, f"{prefix}.out_proj", cfg.width, cfg.width, bias=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: torch.Tensor,
                 cu_seqlens: torch.Tensor | None) -> torch.Tensor:

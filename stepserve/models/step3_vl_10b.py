@@ -16,6 +16,8 @@ from stepserve.models.qwen3 import Qwen3ForCausalLM, dtype_scope
 
 class Step3VL10BForCausalLM(Qwen3ForCausalLM):
     config_class = Step3VLConfig
+    # What `--quantize-vision` quantizes at load time: the tower's blocks (their MLPs; see VisionAttention).
+    fp8_vision_prefixes = ("vision_model.transformer.resblocks.",)
 
     def __init__(self, config: Step3VLConfig, dtype: torch.dtype = torch.float32, quant: Fp8Config | None = None):
         super().__init__(config.text, dtype, quant)
