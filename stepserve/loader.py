@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from stepserve.errors import ModelLoadError
-from stepserve.layers.quant import Fp8Linear, fp8_config, fp8_summary, hf_quantization_config
+from stepserve.layers.quant import DECODER_PREFIXES, Fp8Linear, fp8_config, fp8_summary, hf_quantization_config
 from stepserve.models.configs import read_config_dict
 from stepserve.models.registry import model_class
 
@@ -205,7 +205,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str, device: torch.de
     cls = model_class(hf_config)
     qc = hf_quantization_config(hf_config)
     stored = _stored_dtypes(_weight_files(model_dir)) if qc is not None and load_format != "dummy" else None
-    online = ("model.layers.",)
+    online = DECODER_PREFIXES
     if quantize_vision:
         if quantization != "fp8":
             raise ModelLoadError("quantize_vision needs quantization='fp8' (it quantizes a bf16 tower at load time)")

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 BLOCK = 128  # weight blocks are BLOCK x BLOCK; activations are quantized in groups of BLOCK columns
+DECODER_PREFIXES = ("model.layers.",)  # the decoder layers, in every HF decoder: what is quantized at load time
 
 
 def cdiv(a: int, b: int) -> int:
@@ -162,7 +163,7 @@ class Fp8Config:
     stored_fp8: frozenset[str] | None = None
     ignored: tuple[str, ...] = ()
     packed: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    online_prefixes: tuple[str, ...] = ("model.layers.",)  # the decoder layers, in every HF decoder
+    online_prefixes: tuple[str, ...] = DECODER_PREFIXES
 
     @property
     def quantize_on_load(self) -> bool:
@@ -214,7 +215,7 @@ def hf_quantization_config(hf_config: dict) -> dict | None:
 
 def fp8_config(qc: dict | None, quantization: str | None, stored_dtypes: dict[str, str] | None,
                packed_modules_mapping: dict[str, tuple[str, int]],
-               online_prefixes: tuple[str, ...] = ("model.layers.",)) -> Fp8Config | None:
+               online_prefixes: tuple[str, ...] = DECODER_PREFIXES) -> Fp8Config | None:
     """The Fp8Config for a checkpoint's `quantization_config` and the `--quantization` flag; None: no fp8.
 
     stored_dtypes: checkpoint tensor name -> safetensors dtype ("F8_E4M3", "BF16", ...); None for dummy weights.
