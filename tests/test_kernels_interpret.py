@@ -379,7 +379,7 @@ def test_install_registers_every_layer_function():
                  "apply_rotary": rope_ref.apply_rotary, "qk_norm_rope": rope_ref.qk_norm_rope,
                  "qk_norm_rope_store_kv": attention.qk_norm_rope_store_kv,
                  "qk_norm_rope_attend": attention.qk_norm_rope_attend, "silu_and_mul": act_ref.silu_and_mul,
-                 "fp8_linear": quant.fp8_linear, "linear": linear.linear, "top_p_cut": sampling.top_p_cut,
+                 "fp8_linear": quant.fp8_linear, "fp8_mlp": quant.fp8_mlp, "linear": linear.linear, "top_p_cut": sampling.top_p_cut,
                  "scaled_add_layer_norm": norm_ref.scaled_add_layer_norm}
     assert set(kernels.LAYER_KERNELS) == set(layer_fns)
     kernels.install_triton_kernels()
