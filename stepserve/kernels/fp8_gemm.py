@@ -92,7 +92,7 @@ def fp8_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_scale_inv: torch.Tensor
             activation: str | None) -> torch.Tensor:
     """`stepserve.layers.quant.fp8_mlp` on CUDA. On the scaled_mm path the first GEMM's output stays without its
     bias and activation; the quantization of the second GEMM's input applies both in the same pass (on the vision
-    MLP's [tokens, 8960] hidden, one read in bf16 and one write in fp8 instead of Inductor's three passes)."""
+    MLP's [tokens, 8960] hidden, one read in bf16 and one write in fp8 instead of Inductor's two passes)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
@@ -100,12 +100,8 @@ def fp8_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_scale_inv: torch.Tensor
     if paths != {"scaled_mm"} or activation not in (None, "quick_gelu"):
         return fp8_gemm(fp8_gemm(x, fc_weight, fc_scale_inv, fc_bias, activation), proj_weight, proj_scale_inv,
                         proj_bias)
-    rows = cdiv(M, 4) * 4
-    mm = block_scaled_mm if torch.compiler.is_compiling() else _block_scaled_mm
-    hidden = mm(*quantize_groups(x2, rows), fc_weight, fc_scale_inv, x.dtype)[:M]
-    out = mm(*quantize_groups(hidden, rows, fc_bias, activation), proj_weight, proj_scale_inv, x.dtype)[:M]
-    if proj_bias is not None:
-        out = out.add_(proj_bias)
+    hidden = fp8_scaled_mm(x2, fc_weight, fc_scale_inv)
+    out = fp8_scaled_mm(hidden, proj_weight, proj_scale_inv, proj_bias, x_bias=fc_bias, x_activation=activation)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -169,11 +165,13 @@ def _quantize_groups_fake(x, rows, bias, activation):
 
 
 def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, x_bias: torch.Tensor | None = None,
+                  x_activation: str | None = None) -> torch.Tensor:
     """x [M, K] (K, N multiples of 128) -> [M, N] through F.scaled_mm's BlockWise1x128 x BlockWise128x128
-    recipe; the same math as `fp8_gemm_reference`."""
+    recipe; the same math as `fp8_gemm_reference`. x_bias / x_activation: the GEMM reads activate(x + x_bias),
+    applied as x is quantized (see `quantize_groups`)."""
     M = x.shape[0]
-    q, s = quantize_groups(x if x.stride(-1) == 1 else x.contiguous(), cdiv(M, 4) * 4)
+    q, s = quantize_groups(x if x.stride(-1) == 1 else x.contiguous(), cdiv(M, 4) * 4, x_bias, x_activation)
     # Dynamo cannot trace F.scaled_mm: a compiled graph calls it as an opaque op (eager skips the op's overhead).
     mm = block_scaled_mm if torch.compiler.is_compiling() else _block_scaled_mm
     out = mm(q, s, weight, weight_scale_inv, x.dtype)[:M]
