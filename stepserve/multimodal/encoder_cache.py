@@ -50,8 +50,5 @@ class EncoderCache:
         lookups = self.hits + self.misses
         return self.hits / lookups if lookups else 0.0
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._entries
-
     def __len__(self) -> int:
         return len(self._entries)
