@@ -293,15 +293,17 @@ def test_online_quantization_of_the_tiny_model(tiny_model_dir):
     assert 1e-3 < rel_err(got, want) < 0.2
 
 
-def test_online_quantization_of_the_vision_mlps(bf16_dir):
-    """--quantize-vision: the tower's c_fc / c_proj join the decoder linears in fp8 (out_proj, the projector and
-    the patch embedding stay); its output moves by fp8 rounding only. Without --quantization fp8 it is refused."""
+def test_online_quantization_of_the_vision_linears(bf16_dir):
+    """--quantize-vision: the tower's qkv (in_proj), c_fc and c_proj join the decoder linears in fp8 (out_proj, the
+    projector and the patch embedding stay); its output moves by fp8 rounding only. Without --quantization fp8 it
+    is refused."""
     exact = load_model(bf16_dir, torch.float32, "cpu")
     online = load_model(bf16_dir, torch.float32, "cpu", quantization="fp8", quantize_vision=True)
     blocks = online.vision_model.transformer.resblocks
     vision = {n for n, m in online.named_modules() if isinstance(m, Fp8Linear) and n.startswith("vision_model.")}
-    assert vision == {f"vision_model.transformer.resblocks.{i}.mlp.{leaf}"
-                      for i in range(len(blocks)) for leaf in ("c_fc", "c_proj")}
+    assert vision == {f"vision_model.transformer.resblocks.{i}.{leaf}"
+                      for i in range(len(blocks)) for leaf in ("attn.in_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert blocks[0].fp8_norms == (True, True)
     assert type(blocks[0].attn.out_proj) is Linear and type(online.vit_large_projector) is Linear
     pixels = [torch.randn(1, 3, 728, 728, generator=torch.Generator().manual_seed(0))]
     with torch.no_grad():

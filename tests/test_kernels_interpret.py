@@ -32,8 +32,8 @@ def kern():
     interpreted_triton()
     # import_module: the package re-exports the function `paged_attention` under the module's name.
     return SimpleNamespace(**{m: importlib.import_module(f"stepserve.kernels.{m}")
-                              for m in ("activation", "layer_norm", "linear_gelu", "paged_attention", "rmsnorm", "rotary",
-                                                       "top_p")})
+                              for m in ("activation", "fp8_gemm", "layer_norm", "linear_gelu", "paged_attention",
+                                        "rmsnorm", "rotary", "top_p")})
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -333,6 +333,31 @@ def test_scaled_add_layer_norm(kern, rows, width):
                                                            bias.float(), 1e-5)
     assert s.dtype == h.dtype == torch.float16
     assert _rel_err(s, ref_s) < 1e-3 and _rel_err(h, ref_h) < 2e-3
+
+
+@pytest.mark.parametrize("rows,width", [(7, 48), (5, 1536)])  # ragged 128-column groups; rows padded to 8
+def test_scaled_add_layer_norm_quantized(kern, rows, width):
+    """quantize=True: the same sum; the norm as `Fp8Rows`, quantized per token per 128 columns as the W8A8 GEMM
+    would quantize the unquantized norm, rows padded to ROW_ALIGN with zeros and scale 1."""
+    from stepserve.layers.quant import ROW_ALIGN, cdiv, dequantize_rows, quantize_fp8_per_token_group
+
+    g = torch.Generator().manual_seed(5)
+    x, y = (torch.randn(rows, width, generator=g) * 3 + 1).half(), torch.randn(rows, width, generator=g).half()
+    gamma, weight, bias = (torch.randn(width, generator=g).half() for _ in range(3))
+    s, h = kern.layer_norm.scaled_add_layer_norm(x, y, gamma, weight, bias, 1e-5)
+    s_q, hq = kern.layer_norm.scaled_add_layer_norm(x, y, gamma, weight, bias, 1e-5, quantize=True)
+    padded, groups = cdiv(rows, ROW_ALIGN) * ROW_ALIGN, cdiv(width, 128)
+    assert torch.equal(s_q, s) and hq.rows == rows and hq.dtype == torch.float16
+    assert hq.q.shape == (padded, width) and hq.scales.shape == (padded, groups) and hq.scales.stride() == (1, padded)
+    _, ref_scales = quantize_fp8_per_token_group(h.float())
+    assert torch.allclose(hq.scales[:rows], ref_scales, rtol=1e-6)
+    assert not hq.q[rows:].float().any() and torch.equal(hq.scales[rows:], torch.ones(padded - rows, groups))
+    # The codes are those of the GEMM's own quantization of the unquantized norm, bit for bit (against torch's
+    # the interpreter's fp32 -> fp8 rounding is off at exponent carries: see test_fp8.exactly_quantizable;
+    # tests/gpu compares the rounding itself).
+    ref_q, _ = kern.fp8_gemm.quantize_groups(h, padded)
+    assert torch.equal(hq.q.view(torch.uint8), ref_q.view(torch.uint8))
+    assert _rel_err(dequantize_rows(hq), h) < 0.1
 
 
 def test_top_p_cut_is_the_sorted_rows_cut(kern):

@@ -29,8 +29,8 @@ import triton.language as tl
 from stepserve.kernels.gemv import linear_small_m, sum_splits
 from stepserve.kernels.paged_attention import _num_sms
 from stepserve.layers.activation import activate
-from stepserve.layers.quant import (BLOCK, FP8_DTYPE, FP8_MAX, cdiv, dequantize_fp8_blockwise,
-                                    quantize_fp8_per_token_group)
+from stepserve.layers.quant import (BLOCK, FP8_DTYPE, FP8_MAX, ROW_ALIGN, Fp8Rows, cdiv, dequantize_fp8_blockwise,
+                                    dequantize_rows, quantize_fp8_per_token_group)
 
 # Rows up to which the skinny kernel beats the GEMMs: only its register path does (benchmarks/fp8.py and
 # gemv.py on the H100: a step's four linears x 36 take 5.14 ms through the tensor-core path at M = 16 and
@@ -71,9 +71,14 @@ def fp8_path(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -
     return "dequant"
 
 
-def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+def fp8_gemm(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
              bias: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
-    """`stepserve.layers.quant.fp8_linear` on CUDA: x [..., K] -> [..., N] in x's dtype, by `fp8_path`."""
+    """`stepserve.layers.quant.fp8_linear` on CUDA: x [..., K] -> [..., N] in x's dtype, by `fp8_path`. An
+    `Fp8Rows` x goes to cuBLAS as it is where the path is scaled_mm (else it is dequantized first)."""
+    if isinstance(x, Fp8Rows):
+        if fp8_path(x.rows, weight.shape[0], weight.shape[1], x.dtype, x.q.device) == "scaled_mm":
+            return activate(fp8_scaled_mm(x, weight, weight_scale_inv, bias), activation)
+        x = dequantize_rows(x)
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     path = fp8_path(x2.shape[0], weight.shape[0], K, x.dtype, x.device)
@@ -87,22 +92,22 @@ def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tens
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def fp8_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_scale_inv: torch.Tensor, fc_bias: torch.Tensor | None,
-            proj_weight: torch.Tensor, proj_scale_inv: torch.Tensor, proj_bias: torch.Tensor | None,
-            activation: str | None) -> torch.Tensor:
+def fp8_mlp(x: torch.Tensor | Fp8Rows, fc_weight: torch.Tensor, fc_scale_inv: torch.Tensor,
+            fc_bias: torch.Tensor | None, proj_weight: torch.Tensor, proj_scale_inv: torch.Tensor,
+            proj_bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
     """`stepserve.layers.quant.fp8_mlp` on CUDA. On the scaled_mm path the first GEMM's output stays without its
     bias and activation; the quantization of the second GEMM's input applies both in the same pass (on the vision
     MLP's [tokens, 8960] hidden, one read in bf16 and one write in fp8 instead of Inductor's two passes)."""
-    K = x.shape[-1]
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    paths = {fp8_path(M, w.shape[0], w.shape[1], x.dtype, x.device) for w in (fc_weight, proj_weight)}
+    lead = None if isinstance(x, Fp8Rows) else x.shape[:-1]
+    x2 = x if lead is None else x.reshape(-1, x.shape[-1])
+    M, device = (x.rows, x.q.device) if lead is None else (x2.shape[0], x.device)
+    paths = {fp8_path(M, w.shape[0], w.shape[1], x.dtype, device) for w in (fc_weight, proj_weight)}
     if paths != {"scaled_mm"} or activation not in (None, "quick_gelu"):
         return fp8_gemm(fp8_gemm(x, fc_weight, fc_scale_inv, fc_bias, activation), proj_weight, proj_scale_inv,
                         proj_bias)
     hidden = fp8_scaled_mm(x2, fc_weight, fc_scale_inv)
     out = fp8_scaled_mm(hidden, proj_weight, proj_scale_inv, proj_bias, x_bias=fc_bias, x_activation=activation)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return out if lead is None else out.view(*lead, out.shape[-1])
 
 
 # -- scaled_mm: activation quantization + cuBLAS ------------------------------------------------------------
@@ -146,10 +151,12 @@ def _quantize_groups(x: torch.Tensor, rows: int, bias: torch.Tensor | None,
     M, K = x.shape
     q = torch.empty(rows, K, dtype=FP8_DTYPE, device=x.device)
     s = torch.empty(cdiv(K, BLOCK), rows, dtype=torch.float32, device=x.device)
+    # 8 groups, 2 warps, 1 stage: the fastest of 14 configs on the vision MLP's hidden (H100, [20960, 8960] with
+    # bias + quick-GELU: 236 us, at 2.4 TB/s; 4 warps 274 us, 16 groups 255 us).
     groups = 8
     _quantize_groups_kernel[(rows, cdiv(cdiv(K, BLOCK), groups))](
         x, bias, q, s, M, K, x.stride(0), s.stride(0), FP8_MAX=FP8_MAX, GROUPS=groups, BLOCK=BLOCK,
-        HAS_BIAS=bias is not None, GELU=activation == "quick_gelu", num_warps=4)
+        HAS_BIAS=bias is not None, GELU=activation == "quick_gelu", num_warps=2, num_stages=1)
     return q, s.t()
 
 
@@ -164,36 +171,42 @@ def _quantize_groups_fake(x, rows, bias, activation):
             x.new_empty(cdiv(x.shape[1], BLOCK), rows, dtype=torch.float32).t())
 
 
-def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+def fp8_scaled_mm(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                   bias: torch.Tensor | None = None, x_bias: torch.Tensor | None = None,
                   x_activation: str | None = None) -> torch.Tensor:
     """x [M, K] (K, N multiples of 128) -> [M, N] through F.scaled_mm's BlockWise1x128 x BlockWise128x128
     recipe; the same math as `fp8_gemm_reference`. x_bias / x_activation: the GEMM reads activate(x + x_bias),
-    applied as x is quantized (see `quantize_groups`)."""
-    M = x.shape[0]
-    q, s = quantize_groups(x if x.stride(-1) == 1 else x.contiguous(), cdiv(M, 4) * 4, x_bias, x_activation)
+    applied as x is quantized (see `quantize_groups`). An `Fp8Rows` x is already quantized."""
+    if isinstance(x, Fp8Rows):
+        assert x_bias is None and x_activation is None, "an Fp8Rows activation is already quantized"
+        q, s, M, dtype = x
+    else:
+        M, dtype = x.shape[0], x.dtype
+        q, s = quantize_groups(x if x.stride(-1) == 1 else x.contiguous(), cdiv(M, ROW_ALIGN) * ROW_ALIGN, x_bias,
+                               x_activation)
     # Dynamo cannot trace F.scaled_mm: a compiled graph calls it as an opaque op (eager skips the op's overhead).
     mm = block_scaled_mm if torch.compiler.is_compiling() else _block_scaled_mm
-    out = mm(q, s, weight, weight_scale_inv, x.dtype)[:M]
-    return out if bias is None else out.add_(bias)
+    return mm(q, s, weight, weight_scale_inv, dtype, bias)[:M]
 
 
 def _block_scaled_mm(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-                     out_dtype: torch.dtype) -> torch.Tensor:
+                     out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
     s = s.t().contiguous().t()  # cuBLAS reads activation scales column-major (a no-op for quantize_groups')
     # and the weight's as [K / 128 rounded up to 4, N / 128], column-major.
     ws = weight_scale_inv
     if ws.shape[1] % 4:
         ws = F.pad(ws, (0, -ws.shape[1] % 4))
+    # The bias in cuBLAS's epilogue: a separate add pass costs as much as the fp8 GEMM saves (H100, the vision
+    # qkv [20960, 1536] x [4608, 1536]: 322 us + 298 us for the add, against 351 us with it in the epilogue).
     return F.scaled_mm(q, weight.t(), s, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
-                       output_dtype=out_dtype)
+                       bias=bias, output_dtype=out_dtype)
 
 
 block_scaled_mm = torch.library.custom_op("stepserve::block_scaled_mm", _block_scaled_mm, mutates_args=())
 
 
 @block_scaled_mm.register_fake
-def _block_scaled_mm_fake(q, s, weight, weight_scale_inv, out_dtype):
+def _block_scaled_mm_fake(q, s, weight, weight_scale_inv, out_dtype, bias=None):
     return q.new_empty(q.shape[0], weight.shape[0], dtype=out_dtype)
 
 

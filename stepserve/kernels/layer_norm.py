@@ -5,6 +5,9 @@ Inductor fuses that into a reduction that loops over the row in two passes (rows
 for keeping a row in registers), so it reads the stream it just wrote a second time. Here a program keeps its
 rows in registers: x and y are read once, the sum and the normalized rows written once. Statistics and the sum
 are computed in float32; the sum is rounded once to the stream's dtype, as in Inductor's fusion.
+
+When an fp8 linear reads the norm (`quantize=True`), the rows are quantized for it here too (per token per 128
+columns, as `kernels.fp8_gemm.quantize_groups` would): the norm is written once, in fp8, and never in bf16.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
+from stepserve.layers.quant import BLOCK as GROUP
+from stepserve.layers.quant import FP8_DTYPE, FP8_MAX, ROW_ALIGN, Fp8Rows, cdiv
+
 
 @triton.jit
-def _scaled_add_layer_norm_kernel(x_ptr, y_ptr, gamma_ptr, w_ptr, b_ptr, s_ptr, h_ptr, rows, n_cols, eps,
-                                  ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _scaled_add_layer_norm_kernel(x_ptr, y_ptr, gamma_ptr, w_ptr, b_ptr, s_ptr, h_ptr, scale_ptr, rows, out_rows,
+                                  n_cols, eps, stride_sk, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                                  QUANT: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr):
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     col_ok = cols < n_cols
@@ -33,39 +40,62 @@ def _scaled_add_layer_norm_kernel(x_ptr, y_ptr, gamma_ptr, w_ptr, b_ptr, s_ptr, 
     rstd = tl.rsqrt(tl.sum(d * d, 1) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(h_ptr + offs, (d * rstd[:, None] * w + b).to(h_ptr.dtype.element_ty), mask=mask)
+    h = d * rstd[:, None] * w + b
+    if QUANT:
+        # Rounded to the stream's dtype first, as the unfused norm's output; rows past `rows` (padding up to
+        # out_rows) are zeros with scale 1.
+        h = tl.where(mask, h.to(s_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        g = tl.reshape(h, (ROWS, BLOCK // GROUP, GROUP))
+        amax = tl.max(tl.abs(g), 2)
+        scale = tl.where(amax > 0, amax / FP8_MAX, 1.0)
+        h = tl.reshape(g / scale[:, :, None], (ROWS, BLOCK))
+        group = tl.arange(0, BLOCK // GROUP)[None, :]
+        tl.store(scale_ptr + group * stride_sk + r, scale, mask=(r < out_rows) & (group * GROUP < n_cols))
+    tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=(r < out_rows) & col_ok)
 
 
 def _launch(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+            eps: float, quantize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s, h, scales): h in x's dtype and scales empty, or (quantize) h in fp8 with its scales, column-major
+    [rows padded to ROW_ALIGN, n_cols / GROUP] (both padded as `Fp8Rows` says)."""
     assert x.shape == y.shape and x.dim() == 2, (x.shape, y.shape)
     x, y = x.contiguous(), y.contiguous()
-    s, h = torch.empty_like(x), torch.empty_like(x)
     rows, n_cols = x.shape
-    if rows:
-        block = triton.next_power_of_2(n_cols)
+    out_rows = cdiv(rows, ROW_ALIGN) * ROW_ALIGN if quantize else rows
+    s = torch.empty_like(x)
+    h = torch.empty(out_rows, n_cols, dtype=FP8_DTYPE if quantize else x.dtype, device=x.device)
+    scales = torch.empty(cdiv(n_cols, GROUP) if quantize else 0, out_rows, dtype=torch.float32, device=x.device)
+    if out_rows:
+        block = max(triton.next_power_of_2(n_cols), GROUP)
         per_program = max(1, 2048 // block)  # a few short rows per program, one long row
-        _scaled_add_layer_norm_kernel[(triton.cdiv(rows, per_program),)](
-            x, y, gamma, weight, bias, s, h, rows, n_cols, eps, ROWS=per_program, BLOCK=block,
+        _scaled_add_layer_norm_kernel[(triton.cdiv(out_rows, per_program),)](
+            x, y, gamma, weight, bias, s, h, scales if quantize else h, rows, out_rows, n_cols, eps,
+            max(1, scales.stride(0)), ROWS=per_program, BLOCK=block, QUANT=quantize, GROUP=GROUP, FP8_MAX=FP8_MAX,
             num_warps=min(8, max(1, per_program * block // 256)))
-    return s, h
+    return s, h, scales.t()
 
 
 @torch.library.custom_op("stepserve::scaled_add_layer_norm", mutates_args=())
 def _scaled_add_layer_norm_op(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor,
-                              bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch(x, y, gamma, weight, bias, eps)
+                              bias: torch.Tensor, eps: float,
+                              quantize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch(x, y, gamma, weight, bias, eps, quantize)
 
 
 @_scaled_add_layer_norm_op.register_fake
-def _scaled_add_layer_norm_fake(x, y, gamma, weight, bias, eps):
-    return torch.empty_like(x), torch.empty_like(x)
+def _scaled_add_layer_norm_fake(x, y, gamma, weight, bias, eps, quantize):
+    rows, n_cols = x.shape
+    out_rows = cdiv(rows, ROW_ALIGN) * ROW_ALIGN if quantize else rows
+    return (torch.empty_like(x), x.new_empty(out_rows, n_cols, dtype=FP8_DTYPE if quantize else x.dtype),
+            x.new_empty(cdiv(n_cols, GROUP) if quantize else 0, out_rows, dtype=torch.float32).t())
 
 
 def scaled_add_layer_norm(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor,
-                          bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                          bias: torch.Tensor, eps: float,
+                          quantize: bool = False) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows]:
     """`layers.norm.scaled_add_layer_norm` for x, y [tokens, width] (any float dtype; new contiguous outputs)."""
     # A compiled graph (the vision blocks) calls the kernel as an opaque op: Inductor would fuse it back into
     # its own two-pass reduction.
     fn = _scaled_add_layer_norm_op if torch.compiler.is_compiling() else _launch
-    return fn(x, y, gamma, weight, bias, eps)
+    s, h, scales = fn(x, y, gamma, weight, bias, eps, quantize)
+    return s, Fp8Rows(h, scales, x.shape[0], x.dtype) if quantize else h

@@ -24,13 +24,14 @@ def register_kernel(name: str, fn: Callable | None) -> None:
 
 
 def dispatched(reference: Callable) -> Callable:
-    """Wrap a reference whose first argument is a tensor; the wrapper keeps it as `.reference`."""
+    """Wrap a reference whose first argument is a tensor (or a tuple led by one, such as `layers.quant.Fp8Rows`);
+    the wrapper keeps it as `.reference`."""
     name = reference.__name__
 
     @functools.wraps(reference)
-    def call(x: torch.Tensor, *args, **kwargs):
+    def call(x: torch.Tensor | tuple, *args, **kwargs):
         kernel = _KERNELS.get(name)
-        if kernel is not None and x.is_cuda:
+        if kernel is not None and (x if isinstance(x, torch.Tensor) else x[0]).is_cuda:
             return kernel(x, *args, **kwargs)
         return reference(x, *args, **kwargs)
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepserve.layers.dispatch import dispatched
+from stepserve.layers.quant import Fp8Rows
 
 
 @dispatched
@@ -28,9 +29,13 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 @dispatched
 def scaled_add_layer_norm(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor,
-                          bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                          bias: torch.Tensor, eps: float,
+                          quantize: bool = False) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows]:
     """(s, layer_norm(s)) for s = x + gamma * y: a pre-norm block's layer-scaled residual add and the norm after
-    it; x, y [tokens, width], gamma / weight / bias [width]. On CUDA one pass: each input read once."""
+    it; x, y [tokens, width], gamma / weight / bias [width]. On CUDA one pass: each input read once.
+
+    quantize: the norm feeds fp8 linears only. The CUDA kernel then returns it as `Fp8Rows`, quantized as the W8A8
+    GEMM would quantize it; the reference, like `fp8_linear`'s (weight-only), returns it unquantized."""
     s = x + gamma * y
     return s, F.layer_norm(s, s.shape[-1:], weight, bias, eps)
 

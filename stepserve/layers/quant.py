@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 BLOCK = 128  # weight blocks are BLOCK x BLOCK; activations are quantized in groups of BLOCK columns
 DECODER_PREFIXES = ("model.layers.",)  # the decoder layers, in every HF decoder: what is quantized at load time
+ROW_ALIGN = 4  # cuBLAS's block-scaled GEMM wants the activation's row count a multiple of this
 
 
 def cdiv(a: int, b: int) -> int:
@@ -66,6 +68,26 @@ def quantize_fp8_per_token_group(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return _quantize_blocks(x, 1, BLOCK)
 
 
+class Fp8Rows(NamedTuple):
+    """An activation already quantized the way the W8A8 GEMM wants it, by the kernel that produced it (the vision
+    tower's LayerNorm before an fp8 linear): the GEMM reads these instead of quantizing a bf16 copy.
+
+    q: float8 [cdiv(rows, ROW_ALIGN) * ROW_ALIGN, K]; rows past `rows` are zeros with scale 1.
+    scales: float32 [q.shape[0], ceil(K / 128)] (column-major on CUDA, as cuBLAS reads them).
+    dtype: the dtype the unquantized activation had, which the linear returns."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    rows: int
+    dtype: torch.dtype
+
+
+def dequantize_rows(x: Fp8Rows) -> torch.Tensor:
+    """The activation `x` holds, [rows, K] in its dtype (each value its fp8 code times its group's scale)."""
+    q = x.q[: x.rows].float()
+    return (q * x.scales[: x.rows].repeat_interleave(BLOCK, 1)[:, : q.shape[1]]).to(x.dtype)
+
+
 def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The real weight [out, in] in `dtype`: each 128 x 128 block of `weight` times its scale_inv."""
     out_features, in_features = weight.shape
@@ -74,17 +96,19 @@ def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor, dtyp
 
 
 @dispatched
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                bias: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
     """x [..., in] @ dequantized weight.T (+ bias), then `activation` (see layers.linear.linear) -> [..., out]
-    in x's dtype (reference: weight-only dequant)."""
+    in x's dtype (reference: weight-only dequant; an `Fp8Rows` x is dequantized first)."""
+    if isinstance(x, Fp8Rows):
+        x = dequantize_rows(x)
     return activate(F.linear(x, dequantize_fp8_blockwise(weight, weight_scale_inv, x.dtype), bias), activation)
 
 
 @dispatched
-def fp8_mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_scale_inv: torch.Tensor, fc_bias: torch.Tensor | None,
-            proj_weight: torch.Tensor, proj_scale_inv: torch.Tensor, proj_bias: torch.Tensor | None,
-            activation: str | None) -> torch.Tensor:
+def fp8_mlp(x: torch.Tensor | Fp8Rows, fc_weight: torch.Tensor, fc_scale_inv: torch.Tensor,
+            fc_bias: torch.Tensor | None, proj_weight: torch.Tensor, proj_scale_inv: torch.Tensor,
+            proj_bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
     """proj(activate(fc(x))) for two block-fp8 linears (the vision MLP's c_fc, c_proj). On CUDA the first one's
     bias and activation are applied where the second one's input is quantized (one pass over the hidden)."""
     hidden = fp8_linear.reference(x, fc_weight, fc_scale_inv, fc_bias, activation)

@@ -110,6 +110,9 @@ class Qwen3ForCausalLM(nn.Module):
         "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
+    # Checkpoint leaf -> our parameter path below the same module, where a submodule of ours holds what the
+    # checkpoint stores as a bare parameter (so that it can be a linear layer, fp8 or not).
+    renamed_params: dict[str, str] = {}
 
     def __init__(self, config: TextConfig, dtype: torch.dtype = torch.float32, quant: Fp8Config | None = None):
         """quant: which linear layers hold block-fp8 weights (None: all in `dtype`)."""
@@ -133,6 +136,9 @@ class Qwen3ForCausalLM(nn.Module):
         return [layer.self_attn.attn for layer in self.model.layers]
 
     def _packed_target(self, name: str) -> tuple[str, int | None]:
+        module, _, leaf = name.rpartition(".")
+        if leaf in self.renamed_params:
+            return f"{module}.{self.renamed_params[leaf]}", None
         for src, (dst, shard) in self.packed_modules_mapping.items():
             if f".{src}." in name:
                 return name.replace(f".{src}.", f".{dst}."), shard
@@ -165,6 +171,10 @@ class Qwen3ForCausalLM(nn.Module):
         for pname, _ in self.named_parameters():
             module_name, _, leaf = pname.rpartition(".")
             if leaf in getattr(self.get_submodule(module_name), "computed_params", ()):
+                continue
+            renamed = [src for src, dst in self.renamed_params.items() if pname.endswith(f".{dst}")]
+            if renamed:
+                names.add(pname.removesuffix(self.renamed_params[renamed[0]]) + renamed[0])
                 continue
             for dst, srcs in sources.items():
                 if f".{dst}." in pname:

@@ -1,7 +1,8 @@
 """Step3-VL-10B: PE-lang vision tower -> linear projector -> Qwen3-8B decoder.
 
 Parameter names equal the checkpoint's (`model.*`, `lm_head.weight`, `vision_model.*`,
-`vit_large_projector.weight`) except the fused q/k/v and gate/up the decoder declares.
+`vit_large_projector.weight`) except the fused q/k/v and gate/up the decoder declares and the tower's
+`attn.in_proj` (`renamed_params`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from stepserve.models.qwen3 import Qwen3ForCausalLM, dtype_scope
 
 class Step3VL10BForCausalLM(Qwen3ForCausalLM):
     config_class = Step3VLConfig
-    # What `--quantize-vision` quantizes at load time: the tower's blocks (their MLPs; see VisionAttention).
+    # What `--quantize-vision` quantizes at load time: the tower's blocks (their qkv and MLPs; see VisionAttention).
     fp8_vision_prefixes = ("vision_model.transformer.resblocks.",)
+    # The tower's qkv projection is a linear module (`attn.in_proj`), stored as nn.MultiheadAttention's parameters.
+    renamed_params = {"in_proj_weight": "in_proj.weight", "in_proj_bias": "in_proj.bias"}
 
     def __init__(self, config: Step3VLConfig, dtype: torch.dtype = torch.float32, quant: Fp8Config | None = None):
         super().__init__(config.text, dtype, quant)

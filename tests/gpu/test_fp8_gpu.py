@@ -142,6 +142,31 @@ def test_fp8_mlp_applies_the_first_bias_and_gelu_in_the_quantization(m):
                                                           ref_q.float() * ref_s.repeat_interleave(128, 1)) < 1e-2
 
 
+@pytest.mark.parametrize("rows", [1, 37, 2704])
+def test_layer_norm_quantizes_for_the_fp8_linears(rows):
+    """scaled_add_layer_norm(quantize=True) hands the vision tower's fp8 linears the codes and scales their own
+    quantization of the bf16 norm makes, bit for bit, so qkv and the MLP compute what they computed before
+    (1 row: the skinny path reads the dequantized rows, weight-only)."""
+    from stepserve.kernels.fp8_gemm import fp8_gemm, fp8_mlp, quantize_groups
+    from stepserve.kernels.layer_norm import scaled_add_layer_norm
+
+    g = torch.Generator(device=DEV).manual_seed(rows)
+    x, y = (torch.randn(rows, 1536, device=DEV, generator=g, dtype=torch.bfloat16) for _ in range(2))
+    gamma, weight, bias = (torch.randn(1536, device=DEV, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    s, h = scaled_add_layer_norm(x, y, gamma, weight, bias, 1e-5)
+    s_q, hq = scaled_add_layer_norm(x, y, gamma, weight, bias, 1e-5, quantize=True)
+    q, scales = quantize_groups(h, -(-rows // 4) * 4)
+    assert torch.equal(s_q, s) and hq.rows == rows and hq.dtype == torch.bfloat16
+    assert torch.equal(hq.q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(hq.scales, scales)
+    qkv, qkv_b = _weights(4608, 1536, g), torch.randn(4608, device=DEV, generator=g, dtype=torch.bfloat16)
+    fc, proj = _weights(8960, 1536, g), _weights(1536, 8960, g)
+    fc_b, proj_b = (torch.randn(n, device=DEV, generator=g, dtype=torch.bfloat16) for n in (8960, 1536))
+    mlp = (fc[0], fc[1], fc_b, proj[0], proj[1], proj_b, "quick_gelu")
+    pairs = [(fp8_gemm(hq, *qkv, qkv_b), fp8_gemm(h, *qkv, qkv_b)), (fp8_mlp(hq, *mlp), fp8_mlp(h, *mlp))]
+    for got, want in pairs:
+        assert got.shape == want.shape and (torch.equal(got, want) if rows > 1 else rel(got, want) < 0.06)
+
+
 def test_gemm_ragged_and_3d():
     from stepserve.kernels.fp8_gemm import fp8_gemm
 
@@ -224,8 +249,9 @@ def test_real_size_fp8_close_to_bf16(tmp_path, report):
 
 
 def test_compiled_vision_tower_with_fp8_linears():
-    """An fp8 checkpoint may store the vision MLPs in fp8: the compiled tower traces their scaled_mm path whole
-    (no graph break: each one split the tower's graph) and computes what the eager kernels compute."""
+    """--quantize-vision (or an fp8 checkpoint's vision MLPs): the compiled tower traces the scaled_mm paths whole
+    (no graph break: each one split the tower's graph), computes what the eager kernels compute, and stays within
+    fp8 rounding of the unquantized tower."""
     import dataclasses
 
     from torch._dynamo.utils import counters
@@ -240,14 +266,20 @@ def test_compiled_vision_tower_with_fp8_linears():
     with torch.device(DEV), dtype_scope(torch.bfloat16):
         tower = PerceptionEncoder(cfg, Fp8Config(online_prefixes=("vision_model.transformer.",)))
     init_dummy_weights(tower)
-    assert sum(isinstance(m, Fp8Linear) for m in tower.modules()) == 2 * 3  # c_fc, c_proj per block (online)
+    with torch.device(DEV), dtype_scope(torch.bfloat16):
+        plain = PerceptionEncoder(cfg)
+    init_dummy_weights(plain)  # the same draws, unquantized
+    # qkv, c_fc, c_proj per block (online); both norms come quantized for them.
+    assert sum(isinstance(m, Fp8Linear) for m in tower.modules()) == 3 * 3
+    assert all(block.fp8_norms == (True, True) for block in tower.transformer.resblocks)
     g = torch.Generator(device=DEV).manual_seed(0)
     pixels = [torch.randn(1, 3, 728, 728, device=DEV, generator=g), torch.randn(2, 3, 504, 504, device=DEV, generator=g)]
     with torch.inference_mode():
         eager = torch.cat([x.flatten(0, 1) for x in tower(pixels)])
+        exact = torch.cat([x.flatten(0, 1) for x in plain(pixels)])
         torch._dynamo.reset()
         counters.clear()
         tower.compile_blocks()
         compiled = torch.cat([x.flatten(0, 1) for x in tower(pixels)])
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert rel(compiled, eager) < 2e-2
+    assert rel(compiled, eager) < 2e-2 and rel(eager, exact) < 0.06
