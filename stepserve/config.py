@@ -21,7 +21,7 @@ class EngineConfig:
     load_format: str = field(default="auto", metadata={"help": "auto | safetensors | dummy (random weights, no files)"})
     quantization: str | None = field(default=None, metadata={"help": "fp8 (block-wise, at load time)"})
     quantize_vision: bool = field(default=False, metadata={
-        "help": "with --quantization fp8: the vision tower's MLPs too (a faster encode; its output moves ~2 %)"})
+        "help": "with --quantization fp8: the vision qkv and MLPs too (a faster encode; output moves ~2.4 %)"})
     kv_cache_dtype: str = field(default="auto", metadata={"help": "auto | fp8_e4m3"})
     context_length: int | None = field(default=None, metadata={"help": "max prompt + output tokens"})
     mem_fraction_static: float = field(default=0.85, metadata={"help": "fraction of GPU memory for weights + KV"})

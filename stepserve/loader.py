@@ -190,7 +190,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str, device: torch.de
     without a config.json it builds the real Step3-VL-10B size).
     quantization: "fp8" quantizes a bf16 checkpoint's decoder linears block-wise as they load; a checkpoint
     whose config has an fp8 `quantization_config` loads its fp8 layers as stored either way. quantize_vision:
-    with quantization="fp8", the model's `fp8_vision_prefixes` (its vision MLPs) are quantized as well.
+    with quantization="fp8", the model's `fp8_vision_prefixes` (its vision blocks' qkv and MLPs) are quantized as well.
     """
     start = time.perf_counter()
     model_dir, device = Path(model_dir), torch.device(device)

@@ -10,7 +10,7 @@ weight and calls F.linear.
 Which modules are fp8 is `Fp8Config.is_fp8`: for a checkpoint, exactly those whose weights it stores in fp8
 (and not named in its ignore lists); for `--quantization fp8` on a bf16 checkpoint (quantized at load) and
 for dummy weights, the decoder layers' linears only, as vLLM does: the embedding, lm_head, vision tower and
-projector stay in the activation dtype (`--quantize-vision` adds the vision MLPs).
+projector stay in the activation dtype (`--quantize-vision` adds the vision blocks' qkv and MLPs).
 """
 
 from __future__ import annotations
