@@ -1,6 +1,7 @@
 """Vision tower + projector throughput for 1280x720 inputs (one 728 view + six 504 crops each) vs its FLOP floor.
 
     python3 benchmarks/vision_tower.py [--compile] [--kernels] [--profile]  # default options, 1 / 2 / 8 images
+    python3 benchmarks/vision_tower.py --compile --kernels --quantize-vision  # the tower's linears in fp8
     python3 benchmarks/vision_tower.py --sweep [--budget 210]     # every variant below in one process
 
 Linear FLOPs per image: patches x layers x 2 x (4 w^2 + 2 w mlp); attention adds 4 x L^2 x w per view and
@@ -29,6 +30,7 @@ import torch
 
 from cuda_timing import median_ms
 
+from stepserve.layers.quant import Fp8Config
 from stepserve.loader import init_dummy_weights
 from stepserve.models.configs import Step3VLConfig
 from stepserve.models.perception_encoder import DEFAULT_OPTIONS, VisionOptions
@@ -121,10 +123,13 @@ def kernel_profile(fn, title: str) -> dict:
     return {"total_ms": total, "buckets": buckets, "top": sorted(per_kernel.items(), key=lambda kv: -kv[1])[:30]}
 
 
-def build_model():
+def build_model(quantize_vision: bool = False):
+    """The real-size model with dummy weights; quantize_vision: its vision blocks' linears in fp8, as
+    `--quantization fp8 --quantize-vision` makes them (the same draws, quantized)."""
     config = Step3VLConfig.from_dict(real_config())
+    quant = Fp8Config(online_prefixes=Step3VL10BForCausalLM.fp8_vision_prefixes) if quantize_vision else None
     with torch.device("cuda"):
-        model = Step3VL10BForCausalLM(config, torch.bfloat16).eval()
+        model = Step3VL10BForCausalLM(config, torch.bfloat16, quant).eval()
     init_dummy_weights(model)
     return model, config
 
@@ -249,6 +254,8 @@ def main() -> None:
                     help="install the Triton kernels as the server does (c_fc's GEMM applies quick-GELU)")
     ap.add_argument("--sweep", action="store_true", help="time every variant (see the module docstring)")
     ap.add_argument("--budget", type=float, default=210, help="sweep: skip variants that would end past this (s)")
+    ap.add_argument("--quantize-vision", action="store_true",
+                    help="the vision blocks' qkv and MLPs in fp8; also reports the 2-image output's distance from bf16")
     args = ap.parse_args()
     if args.sweep:
         sweep(args.budget)
@@ -257,7 +264,13 @@ def main() -> None:
         from stepserve.kernels import install_triton_kernels
 
         install_triton_kernels()
-    model, config = build_model()
+    exact = None
+    if args.quantize_vision:  # the unquantized tower's output for the same weights and images, then freed
+        model, _ = build_model()
+        exact = torch.cat(encode(model, make_inputs(2))).float()
+        del model
+        torch.cuda.empty_cache()
+    model, config = build_model(args.quantize_vision)
     if args.compile:
         model.vision_model.compile_blocks()
     results = []
@@ -268,11 +281,15 @@ def main() -> None:
         flops = flops_per_image(config.vision) * images
         if args.profile and images == 2:
             kernel_profile(lambda: encode(model, inputs), "profile, 2 images")
-        results.append({"compiled": args.compile, "kernels": args.kernels, "images": images, "ms": ms, "images_per_s": images / ms * 1e3,
+        results.append({"compiled": args.compile, "kernels": args.kernels, "fp8": args.quantize_vision,
+                        "images": images, "ms": ms, "images_per_s": images / ms * 1e3,
                         "tflops": flops / ms / 1e9, "floor_ms": flops / PEAK * 1e3})
+        if exact is not None and images == 2:
+            got = torch.cat(encode(model, inputs)).float()
+            results[-1]["rel_err_vs_bf16"] = float((got - exact).norm() / exact.norm())
         print(json.dumps(results[-1]))
     if os.environ.get("OUT"):
-        name = f"vision{'_compiled' * args.compile}{'_kernels' * args.kernels}.json"
+        name = f"vision{'_compiled' * args.compile}{'_kernels' * args.kernels}{'_fp8' * args.quantize_vision}.json"
         with open(os.path.join(os.environ["OUT"], name), "w") as f:
             json.dump(results, f)
 
