@@ -70,7 +70,7 @@ def _launch(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, weight: torch
         per_program = max(1, 2048 // block)  # a few short rows per program, one long row
         _scaled_add_layer_norm_kernel[(triton.cdiv(out_rows, per_program),)](
             x, y, gamma, weight, bias, s, h, scales if quantize else h, rows, out_rows, n_cols, eps,
-            max(1, scales.stride(0)), ROWS=per_program, BLOCK=block, QUANT=quantize, GROUP=GROUP, FP8_MAX=FP8_MAX,
+            scales.stride(0), ROWS=per_program, BLOCK=block, QUANT=quantize, GROUP=GROUP, FP8_MAX=FP8_MAX,
             num_warps=min(8, max(1, per_program * block // 256)))
     return s, h, scales.t()
 

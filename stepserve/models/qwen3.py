@@ -167,14 +167,15 @@ class Qwen3ForCausalLM(nn.Module):
         sources: dict[str, list[str]] = {}
         for src, (dst, _) in self.packed_modules_mapping.items():
             sources.setdefault(dst, []).append(src)
+        renamed_from = {dst: src for src, dst in self.renamed_params.items()}
         names = set()
         for pname, _ in self.named_parameters():
             module_name, _, leaf = pname.rpartition(".")
             if leaf in getattr(self.get_submodule(module_name), "computed_params", ()):
                 continue
-            renamed = [src for src, dst in self.renamed_params.items() if pname.endswith(f".{dst}")]
-            if renamed:
-                names.add(pname.removesuffix(self.renamed_params[renamed[0]]) + renamed[0])
+            dst = next((d for d in renamed_from if pname.endswith(f".{d}")), None)
+            if dst is not None:
+                names.add(pname.removesuffix(dst) + renamed_from[dst])
                 continue
             for dst, srcs in sources.items():
                 if f".{dst}." in pname:
