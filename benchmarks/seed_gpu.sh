@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, kernel micro-benchmarks, the seed's two bench_serving commands against
-# `stepserve serve --load-format dummy` at Step3-VL-10B's real shapes, the transformers peer and the
-# vision tower micro-benchmark. Results land in $OUT (logs, JSONL, JSON) and a markdown table on stdout.
+# `stepserve serve --load-format dummy` at Step3-VL-10B's real shapes, the transformers peer, the vision
+# tower and prefill micro-benchmarks. Results land in $OUT (logs, JSONL, JSON); benchmarks/seed_report.py
+# then writes $OUT/summary.json and $OUT/summary.md (every target, measured, met or not) and prints the table.
 #
 #   usage (on the device, repo root, with .whl carried):  bash benchmarks/seed_gpu.sh [STAGES]
-#   STAGES: comma list of tests,kernels,ttft,latency,throughput,peer,vision (default: all)
+#   STAGES: comma list of tests,kernels,ttft,latency,throughput,peer,vision,prefill (default: all)
 #   NUM_PROMPTS_TP: prompts for the throughput run (default 1000)
+#   SERVER_FLAGS: extra `launch_server` flags (e.g. "--quantization fp8 --kv-cache-dtype fp8_e4m3 --quantize-vision");
+#     the vision stage benchmarks the tower the way that server runs it
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STAGES=${1:-tests,kernels,ttft,latency,throughput,peer,vision}
+export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STAGES=${1:-tests,kernels,ttft,latency,throughput,peer,vision,prefill}
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -18,6 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 # The commit of this tree: a `git archive` copy inside another checkout must not report that checkout's HEAD.
 if [[ "$(git rev-parse --show-toplevel 2>/dev/null)" == "$PWD" ]]; then git rev-parse --short HEAD; else
   echo "${COMMIT:-unknown: not a git checkout (set COMMIT)}"; fi | tee "$OUT/commit.txt"
+echo "${SERVER_FLAGS:-}" > "$OUT/server_flags.txt"
 
 if has tests; then
   python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
@@ -57,5 +61,12 @@ if has peer; then
   python3 benchmarks/transformers_peer.py 2>&1 | tee "$OUT/peer.txt" | tail -5
 fi
 if has vision; then
-  python3 benchmarks/vision_tower.py 2>&1 | tee "$OUT/vision.txt" | tail -10
+  VISION_FLAGS="--compile --kernels"
+  [[ " ${SERVER_FLAGS:-} " == *" --quantize-vision "* ]] && VISION_FLAGS="$VISION_FLAGS --quantize-vision"
+  python3 benchmarks/vision_tower.py $VISION_FLAGS 2>&1 | tee "$OUT/vision.txt" | tail -10
 fi
+if has prefill; then
+  python3 benchmarks/prefill.py 2>&1 | tee "$OUT/prefill.txt" | tail -10
+fi
+echo
+python3 benchmarks/seed_report.py "$OUT"
