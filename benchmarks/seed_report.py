@@ -1,12 +1,14 @@
-"""Issue 6's targets against one `benchmarks/seed_gpu.sh` run: one JSON and one markdown table from its $OUT.
+"""The GPU speed targets against one `benchmarks/seed_gpu.sh` run: one JSON and one markdown table from its $OUT.
 
     python3 benchmarks/seed_report.py $OUT        # writes $OUT/summary.json and $OUT/summary.md, prints the table
 
 Reads what the stages left there (a stage that did not run shows as "not run"): bench.jsonl (the latency line is
 the one at concurrency 1, the throughput line the one at the highest concurrency; the last of each), the vision
 tower's JSON for the configuration the server ran, prefill.json (the seed request's 1439 tokens), peer.json,
-gpu_tests.log, and gpu.txt / commit.txt / server_flags.txt. A row with a target says whether it is met; the
-others (vision, prefill, the peer) are measured against a floor or a peer, as the issue asks.
+gpu_tests.log, and gpu.txt / commit.txt / server_flags.txt. A row with a target (the seed latency command: mean
+TPOT <= 6 ms, mean TTFT <= 250 ms; the seed throughput command: >= 4 req/s with mean TTFT < 10 s; tests/gpu all
+pass) says whether it is met; the others are measured against a floor (vision images/s against the FLOP floor,
+prefill tokens/s against the GEMM peak) or a peer (transformers' TPOT over stepserve's).
 """
 
 from __future__ import annotations
