@@ -1,6 +1,6 @@
 """Host time to launch the compiled vision tower vs its GPU time, and the same blocks replayed as a CUDA graph.
 
-    python3 benchmarks/vision_launch.py [--images 1,2,3]
+    python3 benchmarks/vision_launch.py [--images 1,2,3] [--kernels] [--quantize-vision]
 
 When launching a step's vision work takes the host longer than the GPU takes to run it, the GPU waits: the
 server's profile (benchmarks/trace_gaps.py) put most of its idle time inside the engine's `launch` label.
@@ -39,8 +39,14 @@ def host_ms(fn, reps: int = 5) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--images", default="1,2,3")
+    p.add_argument("--kernels", action="store_true", help="install the Triton kernels as the server does")
+    p.add_argument("--quantize-vision", action="store_true", help="the blocks' qkv and MLPs in fp8")
     args = p.parse_args()
-    model, _ = build_model()
+    if args.kernels:
+        from stepserve.kernels import install_triton_kernels
+
+        install_triton_kernels()
+    model, _ = build_model(args.quantize_vision)
     tower = model.vision_model
     tower.compile_blocks()
     rows = []
