@@ -36,7 +36,10 @@ class EngineConfig:
     disable_radix_cache: bool = field(default=False, metadata={"help": "turn the prefix cache off"})
     encoder_cache_size: int = field(default=64, metadata={"help": "images whose vision embeddings stay cached"})
     cuda_graph_max_bs: int = field(default=256, metadata={"help": "largest decode batch captured in a CUDA graph"})
-    disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode and the vision tower eagerly"})
+    cuda_graph_max_tokens: int = field(default=2048, metadata={
+        "help": "largest prefill step (tokens, prompts and decodes) replayed from a CUDA graph when it runs no vision "
+                "tower; 0: prefill steps run eagerly"})
+    disable_cuda_graph: bool = field(default=False, metadata={"help": "run every step and the vision tower eagerly"})
     tp_size: int = field(default=1, metadata={"help": "tensor parallel size", "aliases": ["--tp"]})
     seed: int = field(default=0, metadata={"help": "seed for random (dummy) weights and unseeded sampling"})
     trust_remote_code: bool = field(default=False, metadata={"help": "accepted for compatibility; not needed"})

@@ -1,8 +1,8 @@
-"""The decode graphs' host-side input staging (the copies and replays themselves need a GPU: tests/gpu)."""
+"""The step graphs' host-side input staging (the copies and replays themselves need a GPU: tests/gpu)."""
 
 import torch
 
-from stepserve.engine.cuda_graph import _StepInputs
+from stepserve.engine.cuda_graph import _PrefillInputs, _StepInputs, prefill_token_counts
 
 
 def test_fill_writes_rows_and_resets_padding():
@@ -20,3 +20,26 @@ def test_fill_writes_rows_and_resets_padding():
     # One byte buffer holds every per-row field: a single copy moves them.
     assert x.kv_lens.untyped_storage().data_ptr() == x.rows.untyped_storage().data_ptr()
     assert x.input_ids.untyped_storage().data_ptr() == x.rows.untyped_storage().data_ptr()
+
+
+def test_prefill_fill_pads_tokens_and_empties_the_sequences_past_the_step():
+    x = _PrefillInputs(32, 6, 4, torch.device("cpu"))
+    x.fill(list(range(20)), list(range(100, 120)), [3, 17], [40, 17], [[1, 2, 3], [4, 5]], padded=32, scratch_slot=99)
+    # A smaller step after it: its padding overwrites the older step's tokens and sequences.
+    x.fill([7, 8, 9, 10, 11], [50, 51, 52, 53, 54], [1, 4], [8, 4], [[6], [0]], padded=16, scratch_slot=99)
+    assert x.positions[:16].tolist() == [7, 8, 9, 10, 11] + [0] * 11
+    assert x.slot_mapping[:16].tolist() == [50, 51, 52, 53, 54] + [99] * 11
+    assert x.cu_q_lens.tolist() == [0, 1, 5, 5, 5, 5, 5]  # sequences 2..5 are empty: the kernel gives them no tiles
+    assert x.kv_lens[:2].tolist() == [8, 4]
+    assert x.block_tables[0, 0].item() == 6 and x.block_tables[1, :2].tolist() == [0, 5]
+    # Every per-token and per-sequence field is a view of one byte buffer (one copy), int32 fields 16-byte aligned.
+    base = x.rows.untyped_storage().data_ptr()
+    for t in (x.positions, x.slot_mapping, x.cu_q_lens, x.kv_lens):
+        assert t.untyped_storage().data_ptr() == base and (t.data_ptr() - base) % 16 == 0
+
+
+def test_prefill_token_counts_pad_by_less_than_128_above_128():
+    assert prefill_token_counts(2048)[:5] == [16, 32, 64, 128, 256]
+    assert prefill_token_counts(2048)[-1] == 2048 and prefill_token_counts(300) == [16, 32, 64, 128, 256]
+    sizes = prefill_token_counts(2048)
+    assert all(b - a <= 128 for a, b in zip(sizes, sizes[1:]))

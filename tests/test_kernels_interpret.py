@@ -100,6 +100,27 @@ def test_extend_attention_many_sequences(kern):
     assert _rel_err(out, ref) < 2e-3
 
 
+def test_extend_attention_padded_as_a_prefill_graph_captures_it(kern):
+    """A prefill graph's step: the real sequences, then empty ones (q offsets repeat the token count) up to the
+    captured count, and padding rows after the real tokens. The real rows equal the reference; no tile reads
+    or writes the padding rows."""
+    from stepserve.layers.attention import ForwardContext
+
+    q_lens, kv_lens = [1, 6, 9], [12, 6, 20]
+    q, kv_cache, ctx = _paged_case(q_lens, kv_lens)
+    ref = paged_attention_reference(q.float(), kv_cache, ctx, 0.2)
+    T, seqs, rows = sum(q_lens), 8, 24
+    cu = torch.cat([ctx.cu_q_lens, torch.full((seqs - len(q_lens),), T, dtype=torch.int32)])
+    kv = torch.cat([ctx.kv_lens, torch.zeros(seqs - len(q_lens), dtype=torch.int32)])
+    tables = torch.cat([ctx.block_tables, torch.zeros(seqs - len(q_lens), ctx.block_tables.shape[1], dtype=torch.int32)])
+    padded = ForwardContext(cu, kv, tables, ctx.slot_mapping, rows, 64, [rows] + [0] * (seqs - 1), [64] + [0] * (seqs - 1))
+    q_pad = torch.cat([q, torch.randn(rows - T, *q.shape[1:], dtype=q.dtype)])
+    out = torch.full_like(q_pad, 7.0)
+    kern.paged_attention.extend_attention(q_pad, kv_cache, padded, 0.2, out=out, block_m=16, block_n=16)
+    assert _rel_err(out[:T], ref) < 2e-3
+    assert (out[T:] == 7.0).all()
+
+
 def test_paged_attention_dispatch_and_strided_q(kern):
     for q_lens, kv_lens in (([1, 1], [20, 3]), ([3, 1], [20, 3])):
         q, kv_cache, ctx = _paged_case(q_lens, kv_lens, page_size=16, head_dim=16)

@@ -1,8 +1,8 @@
-"""CUDA graphs for decode steps: one captured forward + logits per padded batch size.
+"""CUDA graphs for engine steps: decode steps per padded batch size, prefill (or mixed) steps per padded token count.
 
-A decode step launches hundreds of small kernels; replaying a graph removes the per-launch CPU cost.
-Inputs live in static buffers that each replay reads; rows past the real batch are padding that write
-their K/V into a scratch slot nobody reads and attend over one token.
+A step launches hundreds of small kernels; replaying a graph removes the per-launch CPU cost. Inputs live in
+static buffers that each replay reads; rows past the real batch are padding that write their K/V into a scratch
+slot nobody reads (and, in a decode step, attend over one token).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, max_bs: int, max_pages_per_seq: int, max_context: int,
-                 scratch_slot: int, device: torch.device, kv_scale: float = 1.0, num_tokens: int | None = None):
+                 scratch_slot: int, device: torch.device, kv_scale: float = 1.0, num_tokens: int | None = None,
+                 pool: tuple | None = None):
+        """pool: a graph memory pool to share (with other graphs that never replay at the same time)."""
         self.model, self.device, self.kv_scale, self.num_tokens = model, device, kv_scale, num_tokens
         self.sizes = graph_batch_sizes(max_bs)
         self.max_bs = self.sizes[-1]
@@ -43,7 +45,7 @@ class DecodeGraphs:
         self.cu_q_lens = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
-        self.pool = None
+        self.pool = pool
 
     def _context(self, bs: int) -> ForwardContext:
         x = self.inputs
@@ -124,5 +126,126 @@ class _StepInputs:
         # Padding rows: token 0 at position 0 (this buffer may hold an older step's placeholder ids there).
         ids[bs:padded], pos[bs:padded], slot[bs:padded], lens[bs:padded] = 0, 0, scratch_slot, 1
         pend[: len(pending)] = pending
+        for row, pages in zip(table, tables):
+            row[: len(pages)] = pages
+
+
+def prefill_token_counts(max_tokens: int) -> list[int]:
+    """Token counts captured for prefill steps: a step replays the smallest at or above its own, so above 128
+    they are 128 apart (a step pads by less than 128 tokens of GEMM rows)."""
+    sizes = [16, 32, 64] + list(range(128, max_tokens + 1, 128))
+    return [s for s in sizes if s <= max_tokens]
+
+
+class PrefillGraphs:
+    """Steps with prefill chunks (and any decodes before them) of up to `max_tokens` tokens: the decoder's layers
+    captured per padded token count. The caller computes the input embeddings (image rows merged) before a replay
+    and the logits of the rows it samples after it.
+
+    Each capture attends over `min(tokens, max_seqs)` sequences through the extend kernel alone: sequences past
+    the step's own are empty (their q offsets repeat the step's token count), and the extend kernel gives them no
+    tiles. Captured steps therefore never split their decodes off into the decode kernel, as an eager step with
+    `MIN_MIXED_DECODES` of them does."""
+
+    def __init__(self, decoder: torch.nn.Module, hidden_size: int, dtype: torch.dtype, max_tokens: int, max_seqs: int,
+                 max_pages_per_seq: int, max_context: int, scratch_slot: int, device: torch.device,
+                 kv_scale: float = 1.0, pool: tuple | None = None):
+        self.decoder, self.device, self.kv_scale = decoder, device, kv_scale
+        self.sizes = prefill_token_counts(max_tokens)
+        n = self.sizes[-1]
+        self.max_seqs = min(max_seqs, n)
+        self.max_context, self.scratch_slot = max_context, scratch_slot
+        pin = device.type == "cuda"
+        self._host = [_PrefillInputs(n, self.max_seqs, max_pages_per_seq, torch.device("cpu"), pin) for _ in range(2)]
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()] if device.type == "cuda" else []
+        self._turn = 0
+        self.inputs = _PrefillInputs(n, self.max_seqs, max_pages_per_seq, device)
+        self.inputs.slot_mapping.fill_(scratch_slot)
+        self.embeds = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.pool = pool
+
+    def _seqs(self, tokens: int) -> int:
+        return min(tokens, self.max_seqs)
+
+    def _forward(self, tokens: int) -> torch.Tensor:
+        x, b = self.inputs, self._seqs(tokens)
+        # Host lists as for one sequence of all the tokens: the only host data the captured kernels' launches read
+        # is whether the step starts with decodes (it does not, so none are split off) and its token count.
+        ctx = ForwardContext(cu_q_lens=x.cu_q_lens[: b + 1], kv_lens=x.kv_lens[:b], block_tables=x.block_tables[:b],
+                             slot_mapping=x.slot_mapping[:tokens], max_q_len=tokens, max_kv_len=self.max_context,
+                             q_lens_cpu=[tokens] + [0] * (b - 1), kv_lens_cpu=[self.max_context] + [0] * (b - 1),
+                             kv_scale=self.kv_scale)
+        with forward_context(ctx):
+            return self.decoder(x.positions[:tokens], self.embeds[:tokens])
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for tokens in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+                self._forward(tokens)  # warm-up: kernel builds and cuBLAS workspaces outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self.hidden[tokens] = self._forward(tokens)
+                self.pool = graph.pool()
+                self.graphs[tokens] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        log.info("captured prefill CUDA graphs for %s tokens", self.sizes)
+
+    def can_run(self, num_tokens: int, num_seqs: int) -> bool:
+        if not self.graphs or num_tokens > self.sizes[-1]:
+            return False
+        return num_seqs <= self._seqs(next(s for s in self.sizes if s >= num_tokens))
+
+    def run(self, embeds: torch.Tensor, positions: list[int], slots: list[int], q_lens: list[int],
+            kv_lens: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """The decoder over a step's input embeddings [T, H] (T = sum(q_lens)): final hidden states [T, H], a view
+        of the graph's output (read before the next run)."""
+        tokens = len(positions)
+        padded = next(s for s in self.sizes if s >= tokens)
+        host, copied = self._host[self._turn], self._copied[self._turn]
+        self._turn ^= 1
+        copied.synchronize()  # this buffer's previous copy has left it (normally long ago)
+        host.fill(positions, slots, q_lens, kv_lens, tables, padded, self.scratch_slot)
+        b, width = len(q_lens), max(len(t) for t in tables)
+        self.inputs.rows.copy_(host.rows, non_blocking=True)
+        self.inputs.block_tables[:b, :width].copy_(host.block_tables[:b, :width], non_blocking=True)
+        copied.record()
+        self.embeds[:tokens].copy_(embeds)
+        self.graphs[padded].replay()
+        return self.hidden[padded][:tokens]
+
+
+class _PrefillInputs:
+    """A prefill step's inputs for up to n tokens of up to b sequences: int64 positions and slots, int32 q offsets
+    and kv lens, as views of one byte buffer `rows` (one copy moves them all), plus the int32 page table."""
+
+    def __init__(self, n: int, b: int, pages: int, device: torch.device, pin: bool = False):
+        offsets = -(-(b + 1) // 4) * 4  # int32 entries before kv_lens: 16-byte aligned, as Triton specializes
+        self.rows = torch.zeros(16 * n + 4 * (offsets + b), dtype=torch.uint8, device=device, pin_memory=pin)
+        wide = self.rows[: 16 * n].view(torch.int64)
+        self.positions, self.slot_mapping = wide[:n], wide[n:]
+        narrow = self.rows[16 * n :].view(torch.int32)
+        self.cu_q_lens, self.kv_lens = narrow[: b + 1], narrow[offsets:]
+        self.block_tables = torch.zeros(b, pages, dtype=torch.int32, device=device, pin_memory=pin)
+
+    def fill(self, positions: list[int], slots: list[int], q_lens: list[int], kv_lens: list[int],
+             tables: list[list[int]], padded: int, scratch_slot: int) -> None:
+        """Host side: a step of len(positions) tokens; tokens up to `padded` are padding (position 0, the scratch
+        slot) and the sequences past the step's are empty (q offsets at the token count)."""
+        t, b = len(positions), len(q_lens)
+        pos, slot, cu, lens, table = (x.numpy() for x in (self.positions, self.slot_mapping, self.cu_q_lens,
+                                                          self.kv_lens, self.block_tables))
+        pos[:t], slot[:t] = positions, slots
+        pos[t:padded], slot[t:padded] = 0, scratch_slot
+        cu[0] = 0
+        cu[1 : b + 1] = q_lens
+        cu[: b + 1] = cu[: b + 1].cumsum()
+        cu[b + 1 :] = t
+        lens[:b] = kv_lens
         for row, pages in zip(table, tables):
             row[: len(pages)] = pages

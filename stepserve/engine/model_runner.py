@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import torch
 
 from stepserve.config import EngineConfig
-from stepserve.engine.cuda_graph import DecodeGraphs
+from stepserve.engine.cuda_graph import DecodeGraphs, PrefillGraphs
 from stepserve.engine.request import Sequence
 from stepserve.engine.sampling import Sampler, SamplingBatch, mask_padded_vocab
 from stepserve.engine.scheduler import ScheduledBatch
 from stepserve.host_copy import to_device, to_device_aligned
-from stepserve.layers.attention import build_context, forward_context, slot_of
+from stepserve.layers.attention import build_context, forward_context, slot_of, step_slots
 from stepserve.multimodal.encoder_cache import EncoderCache
 from stepserve.multimodal.processor import ImageInput, pixel_inputs
 
@@ -67,15 +67,26 @@ class ModelRunner:
         fp8_cache = config.kv_cache_dtype.startswith("fp8")
         self.kv_scale = float(getattr(model, "kv_cache_scale", 1.0)) if fp8_cache else 1.0
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
 
     def capture_graphs(self, context_length: int) -> None:
         if self.device.type != "cuda" or self.config.disable_cuda_graph:
             return
+        start = time.perf_counter()
         max_pages = -(-context_length // self.page_size)
+        scratch_slot = self.num_pages * self.page_size
+        pool = None
+        if self.config.cuda_graph_max_tokens >= 16:
+            self.prefill_graphs = PrefillGraphs(
+                self.model.model, self.model.hidden_size, self.dtype, self.config.cuda_graph_max_tokens,
+                self.config.max_running_requests, max_pages, context_length, scratch_slot, self.device, self.kv_scale)
+            self.prefill_graphs.capture()
+            pool = self.prefill_graphs.pool  # the two kinds never replay at once: one memory pool serves both
         self.graphs = DecodeGraphs(self.model, min(self.config.cuda_graph_max_bs, self.config.max_running_requests),
-                                   max_pages, context_length, self.num_pages * self.page_size, self.device,
-                                   self.kv_scale, self.num_tokens)
+                                   max_pages, context_length, scratch_slot, self.device, self.kv_scale,
+                                   self.num_tokens, pool)
         self.graphs.capture()
+        log.info("captured CUDA graphs in %.1f s", time.perf_counter() - start)
 
     @torch.inference_mode()
     def _compile_vision(self) -> None:
@@ -117,7 +128,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> LaunchedStep:
         """Queue the step's GPU work and return without waiting for it (`collect` waits)."""
-        self.prefetch_images(batch)
+        encoded = self.prefetch_images(batch)
         ids, positions, mm_rows, mm_mask = [], [], [], []
         pending_at, pending_rows = [], []  # inputs sampled by the previous step, still on the device
         for seq, n in zip(batch.seqs, batch.num_new):
@@ -140,14 +151,21 @@ class ModelRunner:
             logits = self.graphs.run(ids, positions, slots, kv_lens, tables, pending_at, pending_rows,
                                      self.last_sampled)
             return self._sample(batch.seqs, logits)
-        ctx = build_context(batch.num_new, kv_lens, [s.pages for s in batch.seqs], self.page_size, self.device,
-                            self.kv_scale)
+        tables = [s.pages for s in batch.seqs]
         input_ids, pos = to_device_aligned([ids, positions], torch.int64, self.device)
         if pending_at:
             at = to_device(torch.tensor(pending_at + pending_rows, dtype=torch.long), self.device)
             input_ids[at[: len(pending_at)]] = self.last_sampled[at[len(pending_at) :]]
-        with forward_context(ctx):
-            hidden = self.model(input_ids, pos, mm_embeds, mask)
+        # A step that ran the vision tower stays eager: the host queues it while the GPU still runs the tower.
+        if not encoded and self.prefill_graphs is not None and self.prefill_graphs.can_run(len(ids), len(batch)):
+            embeds = self.model.get_input_embeddings(input_ids, mm_embeds, mask)
+            hidden = self.prefill_graphs.run(embeds, positions, step_slots(batch.num_new, kv_lens, tables,
+                                                                            self.page_size),
+                                             batch.num_new, kv_lens, tables)
+        else:
+            ctx = build_context(batch.num_new, kv_lens, tables, self.page_size, self.device, self.kv_scale)
+            with forward_context(ctx):
+                hidden = self.model(input_ids, pos, mm_embeds, mask)
         sampled = [i for i in range(len(batch)) if batch.samples(i)]
         if not sampled:
             return LaunchedStep([], None)
@@ -193,8 +211,8 @@ class ModelRunner:
         self.num_encoded_images += len(images)
         return out
 
-    def prefetch_images(self, batch: ScheduledBatch) -> None:
-        """Encode, batched, every not-yet-cached image this step's chunks touch."""
+    def prefetch_images(self, batch: ScheduledBatch) -> bool:
+        """Encode, batched, every not-yet-cached image this step's chunks touch; whether the tower ran."""
         missing: dict[str, ImageInput] = {}  # image hash -> the image, each distinct image once
         waiting: list[tuple[Sequence, int]] = []
         for seq, n in zip(batch.seqs, batch.num_new):
@@ -209,12 +227,13 @@ class ModelRunner:
                 else:
                     seq.image_embeds[k] = emb
         if not missing:
-            return
+            return False
         fresh = dict(zip(missing, self.encode(list(missing.values()))))
         for h, emb in fresh.items():
             self.encoder_cache.put(h, emb)
         for seq, k in waiting:
             seq.image_embeds[k] = fresh[seq.spans[k].image.hash]
+        return True
 
     # -- sampling ---------------------------------------------------------------------------------
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> LaunchedStep:

@@ -81,6 +81,14 @@ def slot_of(pages: list[int], position: int, page_size: int) -> int:
     return pages[position // page_size] * page_size + position % page_size
 
 
+def step_slots(q_lens: list[int], kv_lens: list[int], block_tables: list[list[int]], page_size: int) -> list[int]:
+    """The cache slots of a step's new tokens: the last `q_lens[i]` of each sequence's `kv_lens[i]`, in order."""
+    slots: list[int] = []
+    for q, kv, pages in zip(q_lens, kv_lens, block_tables):
+        slots.extend(slot_of(pages, p, page_size) for p in range(kv - q, kv))
+    return slots
+
+
 def build_context(q_lens: list[int], kv_lens: list[int], block_tables: list[list[int]], page_size: int,
                   device: torch.device | str = "cpu", kv_scale: float = 1.0) -> ForwardContext:
     """Context for sequences whose last `q_lens[i]` of `kv_lens[i]` tokens are new this step.
@@ -90,11 +98,10 @@ def build_context(q_lens: list[int], kv_lens: list[int], block_tables: list[list
     b = len(q_lens)
     width = max((len(p) for p in block_tables), default=1) or 1
     table: list[int] = []
-    slots: list[int] = []
-    for q, kv, pages in zip(q_lens, kv_lens, block_tables):
+    for pages in block_tables:
         table.extend(pages)
         table.extend([0] * (width - len(pages)))
-        slots.extend(slot_of(pages, p, page_size) for p in range(kv - q, kv))
+    slots = step_slots(q_lens, kv_lens, block_tables, page_size)
     cu = [0]
     for q in q_lens:
         cu.append(cu[-1] + q)

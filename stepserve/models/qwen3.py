@@ -125,9 +125,19 @@ class Qwen3ForCausalLM(nn.Module):
             self.model = Qwen3Model(config, quant)
             self.lm_head = make_linear(quant, "lm_head", config.hidden_size, config.vocab_size)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def get_input_embeddings(self, input_ids: torch.Tensor, mm_embeds: torch.Tensor | None = None,
+                             mm_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [T, H] with the rows where `mm_mask` is True replaced by `mm_embeds`, in order."""
+        embeds = self.model.embed_tokens(input_ids)
+        if mm_embeds is None:
+            return embeds
+        # masked_scatter fills in order without a host sync (boolean indexing would need one).
+        return embeds.masked_scatter(mm_mask.unsqueeze(-1), mm_embeds.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mm_embeds: torch.Tensor | None = None,
+                mm_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, H] (paged attention: needs a ForwardContext)."""
-        return self.model(positions, self.model.embed_tokens(input_ids))
+        return self.model(positions, self.get_input_embeddings(input_ids, mm_embeds, mm_mask))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

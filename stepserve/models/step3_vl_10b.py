@@ -31,19 +31,6 @@ class Step3VL10BForCausalLM(Qwen3ForCausalLM):
             self.vit_large_projector = make_linear(quant, "vit_large_projector", config.vision.output_dim,
                                                    config.text.hidden_size)
 
-    def get_input_embeddings(self, input_ids: torch.Tensor, mm_embeds: torch.Tensor | None = None,
-                             mm_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings [T, H] with the rows where `mm_mask` is True replaced by `mm_embeds`, in order."""
-        embeds = self.model.embed_tokens(input_ids)
-        if mm_embeds is None:
-            return embeds
-        # masked_scatter fills in order without a host sync (boolean indexing would need one).
-        return embeds.masked_scatter(mm_mask.unsqueeze(-1), mm_embeds.to(embeds.dtype))
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mm_embeds: torch.Tensor | None = None,
-                mm_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(positions, self.get_input_embeddings(input_ids, mm_embeds, mm_mask))
-
     def encode_images(self, pixel_values: torch.Tensor, patch_pixel_values: torch.Tensor | None,
                       num_crops: list[int]) -> list[torch.Tensor]:
         """Per image [81 * crops + 169, H]: its crops' rows in crop order, then the global view's rows.

@@ -459,6 +459,51 @@ def test_tiny_decoder_through_decode_graphs(tmp_path):
             assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 2 / 3
 
 
+def test_tiny_decoder_through_prefill_graphs(tmp_path):
+    """Prefill and mixed steps replayed from the runner's prefill graphs (padded token counts, empty sequences
+    past the step's) give the eager step's hidden states and cache, bf16 and fp8 caches; a step with more
+    sequences than its capture holds is refused."""
+    from stepserve.engine.cuda_graph import PrefillGraphs
+    from stepserve.kernels import install_triton_kernels
+    from stepserve.loader import load_model
+    from stepserve.testing import attach_kv_cache, tiny_checkpoint
+
+    model = load_model(tiny_checkpoint(tmp_path / "tiny"), torch.bfloat16, DEV)
+    page, context, num_pages = 16, 512, 40
+    tables = [list(range(0, 8)), list(range(8, 16)), list(range(16, 24)), list(range(24, 40))]
+    # (q_lens, kv_lens, the sequences' page tables): a fresh prefill of three prompts; two decodes and a chunk
+    # after a cached prefix; one 130-token chunk (pads to 256); a decode and three prompts.
+    steps = [([40, 17, 70], [40, 17, 70], [0, 1, 2]), ([1, 1, 30], [41, 18, 100], [0, 1, 2]), ([130], [230], [3]),
+             ([1, 5, 9, 3], [42, 22, 9, 3], [0, 1, 3, 2])]
+    install_triton_kernels(True)
+    try:
+        for kv_dtype, kv_scale in ((torch.bfloat16, 1.0), (torch.float8_e4m3fn, 0.05)):
+            attach_kv_cache(model, num_pages + 1, page, kv_dtype)
+            graphs = PrefillGraphs(model.model, model.hidden_size, torch.bfloat16, 256, 8, context // page, context,
+                                   num_pages * page, torch.device(DEV), kv_scale)
+            graphs.capture()
+            assert graphs.can_run(256, 8) and not graphs.can_run(257, 1) and not graphs.can_run(12, 9)
+            for q_lens, kv_lens, which in steps:
+                seq_tables = [tables[i] for i in which]
+                positions = [p for q, kv in zip(q_lens, kv_lens) for p in range(kv - q, kv)]
+                ids = torch.randint(0, 800, (len(positions),), device=DEV)
+                caches = [layer.kv_cache.clone() for layer in model.attention_layers()]
+                with torch.inference_mode():
+                    ctx = build_context(q_lens, kv_lens, seq_tables, page, DEV, kv_scale=kv_scale)
+                    with forward_context(ctx):
+                        want = model(ids, torch.tensor(positions, device=DEV))
+                    want_caches = [layer.kv_cache.clone() for layer in model.attention_layers()]
+                    for layer, cache in zip(model.attention_layers(), caches):
+                        layer.kv_cache.copy_(cache)
+                    got = graphs.run(model.get_input_embeddings(ids), positions, ctx.slot_mapping.tolist(), q_lens,
+                                     kv_lens, seq_tables).clone()
+                assert _rel_err(got, want) < 1e-2, (kv_dtype, q_lens)
+                for layer, expected in zip(model.attention_layers(), want_caches):
+                    assert _rel_err(layer.kv_cache[:, :num_pages].float(), expected[:, :num_pages].float()) < 1e-2
+    finally:
+        install_triton_kernels(False)
+
+
 @pytest.mark.parametrize("T", [1, 300, 4096])
 def test_silu_and_mul(T):
     x = torch.randn(T, 2 * 12288, device=DEV, dtype=torch.bfloat16) * 4
