@@ -72,7 +72,7 @@ class ModelRunner:
     def capture_graphs(self, context_length: int) -> None:
         if self.device.type != "cuda" or self.config.disable_cuda_graph:
             return
-        start = time.perf_counter()
+        start, free = time.perf_counter(), torch.cuda.mem_get_info(self.device)[0]
         max_pages = -(-context_length // self.page_size)
         scratch_slot = self.num_pages * self.page_size
         pool = None
@@ -86,7 +86,8 @@ class ModelRunner:
                                    max_pages, context_length, scratch_slot, self.device, self.kv_scale,
                                    self.num_tokens, pool)
         self.graphs.capture()
-        log.info("captured CUDA graphs in %.1f s", time.perf_counter() - start)
+        log.info("captured CUDA graphs in %.1f s (%.2f GiB)", time.perf_counter() - start,
+                 (free - torch.cuda.mem_get_info(self.device)[0]) / 2**30)
 
     @torch.inference_mode()
     def _compile_vision(self) -> None:
