@@ -78,14 +78,16 @@ def test_abort_and_page_accounting_exact(llm):
     (1001, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)),
     (1000, SamplingParams(temperature=1.0, top_k=20, seed=1, max_tokens=3, ignore_eos=True)),
     (1002, SamplingParams(temperature=1.0, top_p=0.9, seed=1, max_tokens=3, ignore_eos=True)),
-], ids=["greedy", "top_k", "top_p"])
+    (None, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)),
+], ids=["greedy", "top_k", "top_p", "text"])
 def test_steps_never_wait_for_the_gpu_while_queueing(llm, image_seed, params):
-    """No synchronizing CUDA call on a step's path (vision + prefill, then decodes), torch's sync debug mode
-    checking: a blocking copy there (there were two: the prefill's sampled-row index, the sampler's parameters)
-    makes the host wait for the work it has just queued, then leaves the GPU idle while it queues the rest of
-    the step. Only `collect` may wait, on the previous step's event."""
+    """No synchronizing CUDA call on a step's path (vision + prefill, or a text prompt's prefill graph, then
+    decodes), torch's sync debug mode checking: a blocking copy there (there were two: the prefill's sampled-row
+    index, the sampler's parameters) makes the host wait for the work it has just queued, then leaves the GPU
+    idle while it queues the rest of the step. Only `collect` may wait, on the previous step's event."""
     engine = llm.engine
-    ids, images = engine.encode_prompt(WARMUP_PROMPT.format("<im_patch>"), [_warmup_image(image_seed)])
+    images = [] if image_seed is None else [_warmup_image(image_seed)]
+    ids, images = engine.encode_prompt(WARMUP_PROMPT.format("<im_patch>" if images else ""), images)
     engine.add_request("no-sync", ids, images, params)
     steps = 0
     torch.cuda.set_sync_debug_mode("error")
@@ -96,3 +98,36 @@ def test_steps_never_wait_for_the_gpu_while_queueing(llm, image_seed, params):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert steps >= 3
+
+
+def test_prefill_graphs_match_eager_steps(tmp_path):
+    """The tiny model served with and without prefill graphs (`cuda_graph_max_tokens` 2048 vs 0), prompts
+    chunked by 64 tokens: each image prompt alone (its chunks after the first take image rows from the encoder
+    cache in captured steps), then all twelve together. Each prompt's first sampled token (the last prefill
+    chunk's logits) is the same unless the eager run had a near-tie, and its logprob agrees."""
+    from stepserve.testing import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path / "tiny")
+    prompts = make_prompts(12)
+    runs = [[p] for p in prompts if isinstance(p, dict)] + [prompts]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=2)
+    firsts = {}
+    for max_tokens in (0, 2048):
+        llm = LLM(model=str(path), num_kv_pages=1024, chunked_prefill_size=64, cuda_graph_max_tokens=max_tokens)
+        graphs = llm.engine.runner.prefill_graphs
+        assert (graphs is not None) == (max_tokens > 0)
+        replays = []  # token counts of the steps replayed from a prefill graph
+        if graphs is not None:
+            run = graphs.run
+            graphs.run = lambda *args: replays.append(len(args[1])) or run(*args)
+        firsts[max_tokens] = [o.outputs[0].logprobs[0].top for batch in runs
+                              for o in llm.generate(batch, params, use_tqdm=False)]
+        # Every image prompt alone has chunks with image rows and no image to encode; decode steps are not counted.
+        assert len(replays) >= (len(runs) - 1 if graphs is not None else 0), replays
+        del llm, graphs
+        torch.cuda.empty_cache()
+    assert len(firsts[0]) == len(firsts[2048]) == len(runs) - 1 + len(prompts)
+    for eager, graphed in zip(firsts[0], firsts[2048]):
+        if eager[0][0] != graphed[0][0]:
+            assert eager[0][1] - eager[1][1] < 0.05, (eager, graphed)
+        assert abs(eager[0][1] - graphed[0][1]) < 0.05, (eager, graphed)
