@@ -22,30 +22,70 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
     return [s for s in sizes if s <= max_bs]
 
 
-class DecodeGraphs:
+class _StepGraphs:
+    """One graph per size, captured largest first into one memory pool (`pool`: one to share with graphs that
+    never replay at the same time), and the inputs' staging: a step's inputs reach the graph in two host-to-device
+    copies from pinned buffers (each separate copy or fill between two replays costs the GPU a few microseconds),
+    the per-row fields and the page table. Two host buffers alternate, so the host fills one while the other's
+    copy may still be queued."""
+
+    what, per = "step", "sizes"  # for the log line
+
+    def __init__(self, sizes: list[int], host: list, device: torch.device, pool: tuple | None):
+        self.sizes, self.device, self.pool = sizes, device, pool
+        self._host = host
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()] if device.type == "cuda" else []  # capture: CUDA only
+        self._turn = 0
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def _forward(self, size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+                # Warm up: compile kernels and let cuBLAS pick its workspaces outside the capture.
+                self._forward(size)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self.outputs[size] = self._forward(size)
+                self.pool = graph.pool()
+                self.graphs[size] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        log.info("captured %s CUDA graphs for %s %s", self.what, self.per, self.sizes)
+
+    def _staging(self):
+        """The host buffer to fill for this step, and the event its copy records."""
+        host, copied = self._host[self._turn], self._copied[self._turn]
+        self._turn ^= 1
+        copied.synchronize()  # this buffer's previous copy has left it (normally long ago)
+        return host, copied
+
+
+class DecodeGraphs(_StepGraphs):
+    """Pure decode steps: the whole model and its logits, per padded batch size."""
+
+    what, per = "decode", "batch sizes"
+
     def __init__(self, model: torch.nn.Module, max_bs: int, max_pages_per_seq: int, max_context: int,
                  scratch_slot: int, device: torch.device, kv_scale: float = 1.0, num_tokens: int | None = None,
                  pool: tuple | None = None):
-        """pool: a graph memory pool to share (with other graphs that never replay at the same time)."""
-        self.model, self.device, self.kv_scale, self.num_tokens = model, device, kv_scale, num_tokens
-        self.sizes = graph_batch_sizes(max_bs)
-        self.max_bs = self.sizes[-1]
+        sizes = graph_batch_sizes(max_bs)
+        n = sizes[-1]
+        host = [_StepInputs(n, max_pages_per_seq, torch.device("cpu"), pin=device.type == "cuda") for _ in range(2)]
+        super().__init__(sizes, host, device, pool)
+        self.model, self.kv_scale, self.num_tokens = model, kv_scale, num_tokens
+        self.max_bs = n
         self.max_context, self.scratch_slot = max_context, scratch_slot
-        n = self.max_bs
-        # A step's inputs reach the graph in two host-to-device copies from pinned buffers (each separate copy or
-        # fill between two replays costs the GPU a few microseconds): the per-row fields, and the page table.
-        # Two host buffers alternate, so the host fills one while the other's copy may still be queued.
-        self._host = [_StepInputs(n, max_pages_per_seq, torch.device("cpu"), pin=device.type == "cuda")
-                      for _ in range(2)]
-        self._copied = [torch.cuda.Event(), torch.cuda.Event()] if device.type == "cuda" else []  # capture: CUDA only
-        self._turn = 0
         self.inputs = _StepInputs(n, max_pages_per_seq, device)
         self.inputs.slot_mapping.fill_(scratch_slot)
         self.inputs.kv_lens.fill_(1)
         self.cu_q_lens = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        self.pool = pool
 
     def _context(self, bs: int) -> ForwardContext:
         x = self.inputs
@@ -60,23 +100,6 @@ class DecodeGraphs:
         logits = self.model.compute_logits(hidden)
         return logits if self.num_tokens is None else mask_padded_vocab(logits, self.num_tokens)
 
-    @torch.inference_mode()
-    def capture(self) -> None:
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-                # Warm up: compile kernels and let cuBLAS pick its workspaces outside the capture.
-                self._forward(bs)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    self.logits[bs] = self._forward(bs)
-                self.pool = graph.pool()
-                self.graphs[bs] = graph
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
-
     def can_run(self, bs: int) -> bool:
         return bs <= self.max_bs and bool(self.graphs)
 
@@ -88,9 +111,7 @@ class DecodeGraphs:
         vocabulary rows at -inf (a view: read before the next run)."""
         bs = len(input_ids)
         padded = next(s for s in self.sizes if s >= bs)
-        host, copied = self._host[self._turn], self._copied[self._turn]
-        self._turn ^= 1
-        copied.synchronize()  # this buffer's previous copy has left it (normally long ago)
+        host, copied = self._staging()
         k = len(pending_at)
         host.fill(input_ids, positions, slots, kv_lens, tables, pending_at + pending_rows, padded, self.scratch_slot)
         width = max(len(t) for t in tables)
@@ -101,7 +122,7 @@ class DecodeGraphs:
             ids, at = self.inputs.input_ids, self.inputs.pending[: 2 * k]
             ids[at[:k]] = last_sampled[at[k:]]
         self.graphs[padded].replay()
-        return self.logits[padded][:bs]
+        return self.outputs[padded][:bs]
 
 
 class _StepInputs:
@@ -137,7 +158,7 @@ def prefill_token_counts(max_tokens: int) -> list[int]:
     return [s for s in sizes if s <= max_tokens]
 
 
-class PrefillGraphs:
+class PrefillGraphs(_StepGraphs):
     """Steps with prefill chunks (and any decodes before them) of up to `max_tokens` tokens: the decoder's layers
     captured per padded token count. The caller computes the input embeddings (image rows merged) before a replay
     and the logits of the rows it samples after it.
@@ -147,24 +168,21 @@ class PrefillGraphs:
     tiles. Captured steps therefore never split their decodes off into the decode kernel, as an eager step with
     `MIN_MIXED_DECODES` of them does."""
 
+    what, per = "prefill", "token counts"
+
     def __init__(self, decoder: torch.nn.Module, hidden_size: int, dtype: torch.dtype, max_tokens: int, max_seqs: int,
                  max_pages_per_seq: int, max_context: int, scratch_slot: int, device: torch.device,
                  kv_scale: float = 1.0, pool: tuple | None = None):
-        self.decoder, self.device, self.kv_scale = decoder, device, kv_scale
-        self.sizes = prefill_token_counts(max_tokens)
-        n = self.sizes[-1]
-        self.max_seqs = min(max_seqs, n)
+        sizes = prefill_token_counts(max_tokens)
+        n, b = sizes[-1], min(max_seqs, sizes[-1])
+        host = [_PrefillInputs(n, b, max_pages_per_seq, torch.device("cpu"), device.type == "cuda") for _ in range(2)]
+        super().__init__(sizes, host, device, pool)
+        self.decoder, self.kv_scale = decoder, kv_scale
+        self.max_seqs = b
         self.max_context, self.scratch_slot = max_context, scratch_slot
-        pin = device.type == "cuda"
-        self._host = [_PrefillInputs(n, self.max_seqs, max_pages_per_seq, torch.device("cpu"), pin) for _ in range(2)]
-        self._copied = [torch.cuda.Event(), torch.cuda.Event()] if device.type == "cuda" else []
-        self._turn = 0
-        self.inputs = _PrefillInputs(n, self.max_seqs, max_pages_per_seq, device)
+        self.inputs = _PrefillInputs(n, b, max_pages_per_seq, device)
         self.inputs.slot_mapping.fill_(scratch_slot)
         self.embeds = torch.zeros(n, hidden_size, dtype=dtype, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.hidden: dict[int, torch.Tensor] = {}
-        self.pool = pool
 
     def _seqs(self, tokens: int) -> int:
         return min(tokens, self.max_seqs)
@@ -180,22 +198,6 @@ class PrefillGraphs:
         with forward_context(ctx):
             return self.decoder(x.positions[:tokens], self.embeds[:tokens])
 
-    @torch.inference_mode()
-    def capture(self) -> None:
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for tokens in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-                self._forward(tokens)  # warm-up: kernel builds and cuBLAS workspaces outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    self.hidden[tokens] = self._forward(tokens)
-                self.pool = graph.pool()
-                self.graphs[tokens] = graph
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-        log.info("captured prefill CUDA graphs for %s tokens", self.sizes)
-
     def can_run(self, num_tokens: int, num_seqs: int) -> bool:
         if not self.graphs or num_tokens > self.sizes[-1]:
             return False
@@ -207,9 +209,7 @@ class PrefillGraphs:
         of the graph's output (read before the next run)."""
         tokens = len(positions)
         padded = next(s for s in self.sizes if s >= tokens)
-        host, copied = self._host[self._turn], self._copied[self._turn]
-        self._turn ^= 1
-        copied.synchronize()  # this buffer's previous copy has left it (normally long ago)
+        host, copied = self._staging()
         host.fill(positions, slots, q_lens, kv_lens, tables, padded, self.scratch_slot)
         b, width = len(q_lens), max(len(t) for t in tables)
         self.inputs.rows.copy_(host.rows, non_blocking=True)
@@ -217,7 +217,7 @@ class PrefillGraphs:
         copied.record()
         self.embeds[:tokens].copy_(embeds)
         self.graphs[padded].replay()
-        return self.hidden[padded][:tokens]
+        return self.outputs[padded][:tokens]
 
 
 class _PrefillInputs:
