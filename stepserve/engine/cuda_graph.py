@@ -27,9 +27,7 @@ class _StepGraphs:
     never replay at the same time), and the inputs' staging: a step's inputs reach the graph in two host-to-device
     copies from pinned buffers (each separate copy or fill between two replays costs the GPU a few microseconds),
     the per-row fields and the page table. Two host buffers alternate, so the host fills one while the other's
-    copy may still be queued."""
-
-    what, per = "step", "sizes"  # for the log line
+    copy may still be queued. A subclass defines `_forward(size)`: the work one graph captures, its output."""
 
     def __init__(self, sizes: list[int], host: list, device: torch.device, pool: tuple | None):
         self.sizes, self.device, self.pool = sizes, device, pool
@@ -38,9 +36,6 @@ class _StepGraphs:
         self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-
-    def _forward(self, size: int) -> torch.Tensor:
-        raise NotImplementedError
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -57,7 +52,7 @@ class _StepGraphs:
                 self.graphs[size] = graph
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        log.info("captured %s CUDA graphs for %s %s", self.what, self.per, self.sizes)
+        log.info("captured CUDA graphs (%s) for sizes %s", type(self).__name__, self.sizes)
 
     def _staging(self):
         """The host buffer to fill for this step, and the event its copy records."""
@@ -69,8 +64,6 @@ class _StepGraphs:
 
 class DecodeGraphs(_StepGraphs):
     """Pure decode steps: the whole model and its logits, per padded batch size."""
-
-    what, per = "decode", "batch sizes"
 
     def __init__(self, model: torch.nn.Module, max_bs: int, max_pages_per_seq: int, max_context: int,
                  scratch_slot: int, device: torch.device, kv_scale: float = 1.0, num_tokens: int | None = None,
@@ -167,8 +160,6 @@ class PrefillGraphs(_StepGraphs):
     the step's own are empty (their q offsets repeat the step's token count), and the extend kernel gives them no
     tiles. Captured steps therefore never split their decodes off into the decode kernel, as an eager step with
     `MIN_MIXED_DECODES` of them does."""
-
-    what, per = "prefill", "token counts"
 
     def __init__(self, decoder: torch.nn.Module, hidden_size: int, dtype: torch.dtype, max_tokens: int, max_seqs: int,
                  max_pages_per_seq: int, max_context: int, scratch_slot: int, device: torch.device,
