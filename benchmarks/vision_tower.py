@@ -2,6 +2,7 @@
 
     python3 benchmarks/vision_tower.py [--compile] [--kernels] [--profile]  # default options, 1 / 2 / 8 images
     python3 benchmarks/vision_tower.py --compile --kernels --quantize-vision  # the tower's linears in fp8
+    python3 benchmarks/vision_tower.py --compile --kernels --attention cudnn  # one attention kernel (default: auto)
     python3 benchmarks/vision_tower.py --sweep [--budget 210]     # every variant below in one process
 
 Linear FLOPs per image: patches x layers x 2 x (4 w^2 + 2 w mlp); attention adds 4 x L^2 x w per view and
@@ -54,6 +55,7 @@ STEPS = [
     ("downsamplers channels_last", {"channels_last": True}, 15, True),
     ("packed views + crops", {"packed": True}, 20, True),
     ("packed + varlen attention", {"packed": True, "attention": "varlen"}, 20, True),
+    ("packed + FlashAttention-4", {"packed": True, "attention": "fa4"}, 30, True),
 ]
 
 
@@ -254,6 +256,7 @@ def main() -> None:
                     help="install the Triton kernels as the server does (c_fc's GEMM applies quick-GELU)")
     ap.add_argument("--sweep", action="store_true", help="time every variant (see the module docstring)")
     ap.add_argument("--budget", type=float, default=210, help="sweep: skip variants that would end past this (s)")
+    ap.add_argument("--attention", default=DEFAULT_OPTIONS.attention, help="the tower's attention (VisionOptions)")
     ap.add_argument("--quantize-vision", action="store_true",
                     help="the vision blocks' qkv and MLPs in fp8; also reports the 2-image output's distance from bf16")
     args = ap.parse_args()
@@ -271,6 +274,8 @@ def main() -> None:
         del model
         torch.cuda.empty_cache()
     model, config = build_model(args.quantize_vision)
+    model.vision_model.configure(dataclasses.replace(DEFAULT_OPTIONS, attention=args.attention))
+    attention = model.vision_model.attention_backend(torch.device("cuda"))
     if args.compile:
         model.vision_model.compile_blocks()
     results = []
@@ -282,7 +287,7 @@ def main() -> None:
         if args.profile and images == 2:
             kernel_profile(lambda: encode(model, inputs), "profile, 2 images")
         results.append({"compiled": args.compile, "kernels": args.kernels, "fp8": args.quantize_vision,
-                        "images": images, "ms": ms, "images_per_s": images / ms * 1e3,
+                        "attention": attention, "images": images, "ms": ms, "images_per_s": images / ms * 1e3,
                         "tflops": flops / ms / 1e9, "floor_ms": flops / PEAK * 1e3})
         if exact is not None and images == 2:
             got = torch.cat(encode(model, inputs)).float()

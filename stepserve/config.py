@@ -23,6 +23,9 @@ class EngineConfig:
     quantize_vision: bool = field(default=False, metadata={
         "help": "with --quantization fp8: the vision qkv and MLPs too (a faster encode; output moves ~2.4 %)"})
     kv_cache_dtype: str = field(default="auto", metadata={"help": "auto | fp8_e4m3"})
+    vision_attention: str = field(default="auto", metadata={
+        "help": "the vision tower's attention: auto (fa4 on Hopper with the fa4 extra installed, else torch's SDPA "
+                "choice) | fa4 | cudnn | flash | efficient | math | varlen"})
     context_length: int | None = field(default=None, metadata={"help": "max prompt + output tokens"})
     mem_fraction_static: float = field(default=0.85, metadata={"help": "fraction of GPU memory for weights + KV"})
     page_size: int = field(default=16, metadata={"help": "tokens per KV page"})

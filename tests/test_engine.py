@@ -61,6 +61,7 @@ def test_batched_equals_alone(llm):
     dict(chunked_prefill_size=37, max_prefill_tokens=64),
     dict(num_kv_pages=96, page_size=16, max_running_requests=16, context_length=1536),  # forces preemption
     dict(max_image_tokens_per_step=0),  # no cap on the vision work of a step
+    dict(vision_attention="math"),
 ])
 def test_same_outputs_across_engine_settings(llm, kwargs):
     prompts = make_prompts(24)
@@ -68,6 +69,8 @@ def test_same_outputs_across_engine_settings(llm, kwargs):
     other = LLM(dtype="float32", **kwargs)
     got = token_ids(other.generate(prompts, GREEDY, use_tqdm=False))
     assert got == want
+    if "vision_attention" in kwargs:
+        assert other.engine.runner.model.vision_model.options.attention == kwargs["vision_attention"]
     stats = other.engine.stats()
     assert stats["running"] == stats["waiting"] == 0
     assert stats["num_kv_pages_free"] == stats["num_kv_pages_total"]

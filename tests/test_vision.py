@@ -140,6 +140,7 @@ OPTIONS = [
     VisionOptions(patch_embed="conv", channels_last=False),
     VisionOptions(packed=True, attention="math"),
     VisionOptions(packed=True, attention="varlen", patch_embed="conv"),
+    VisionOptions(attention="fa4"),
 ]
 
 
@@ -205,6 +206,38 @@ def test_attention_op_attends_within_each_sequence_and_projects_each_group(proje
         want = want @ weight.T + (bias if bias is not None else 0)
     got = vision_attention(q, k, v, groups, None, "math", weight, bias)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_auto_attention_takes_flash_attention4_where_it_runs(model, configured, view_and_crop, monkeypatch):
+    """"auto" resolves to "fa4" (one varlen launch: cu_seqlens at each sequence's start) when the package and
+    GPU allow it, else stays torch's choice; "fa4" asked for on a GPU without it is refused by name. On CPU the
+    op itself falls back to SDPA, so the output is the reference's."""
+    from stepserve.layers import flash_attention4
+    from stepserve.models import perception_encoder
+
+    assert not flash_attention4.available(torch.device("cpu"))
+    seen = []
+    op = perception_encoder.vision_attention
+
+    def spy(q, k, v, groups, cu_seqlens, backend, *rest):
+        seen.append((backend, None if cu_seqlens is None else cu_seqlens.tolist()))
+        return op(q, k, v, groups, cu_seqlens, backend, *rest)
+
+    monkeypatch.setattr(perception_encoder, "vision_attention", spy)
+    view, crop, want_crop, want_view = view_and_crop
+    configured.configure(VisionOptions(attention="auto"))
+    with torch.inference_mode():
+        model.encode_images(view, crop, [1])
+        assert seen[-1] == ("auto", None)
+        monkeypatch.setattr(flash_attention4, "available", lambda device: True)
+        (got,) = model.encode_images(view, crop, [1])
+    grid, crop_grid = 728 // 14, 504 // 14
+    assert seen[-1] == ("fa4", [0, grid * grid, grid * grid + crop_grid * crop_grid])
+    torch.testing.assert_close(got[81:], want_view, atol=ATOL, rtol=RTOL)
+    monkeypatch.setattr(flash_attention4, "available", lambda device: False)
+    configured.configure(VisionOptions(attention="fa4"))
+    with pytest.raises(RuntimeError, match="flash-attn-4"):
+        configured.attention_backend(torch.device("cuda"))
 
 
 def test_unknown_options_are_refused():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -56,6 +56,9 @@ class ModelRunner:
         self.num_encoded_images = 0
         self.sampler = Sampler()
         self.last_sampled: torch.Tensor | None = None  # the newest step's sampled ids, on the device
+        vision = getattr(model, "vision_model", None)
+        if vision is not None:
+            vision.configure(replace(vision.options, attention=config.vision_attention))
         if device.type == "cuda":
             from stepserve.kernels import install_triton_kernels
 
@@ -98,7 +101,8 @@ class ModelRunner:
             pixels = torch.randn(views, 3, 728, 728, device=self.device, dtype=self.dtype)
             patches = torch.randn(crops, 3, 504, 504, device=self.device, dtype=self.dtype) if crops else None
             self.model.encode_images(pixels, patches, [crops // views] * views)
-        log.info("compiled the vision tower in %.1f s", time.perf_counter() - start)
+        log.info("compiled the vision tower in %.1f s (attention: %s)", time.perf_counter() - start,
+                 self.model.vision_model.attention_backend(self.device))
 
     # -- KV cache ---------------------------------------------------------------------------------
     def _allocate_kv_cache(self) -> int:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stepserve.host_copy import to_device
+from stepserve.layers import flash_attention4
 from stepserve.layers.linear import Linear
 from stepserve.layers.norm import scaled_add_layer_norm
 from stepserve.layers.quant import Fp8Config, Fp8Linear, Fp8Rows, fp8_mlp, make_linear
@@ -31,14 +32,16 @@ from stepserve.models.configs import VisionConfig
 
 _SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                   "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+_VARLEN_BACKENDS = ("varlen", "fa4")  # one launch over all sequences, located by cu_seqlens
 
 
 @dataclass(frozen=True)
 class VisionOptions:
     """How the tower runs on CUDA. CPU runs honour all but `attention` (always torch's choice there).
 
-    attention: "auto" (torch's SDPA choice), one SDPA backend ("cudnn", "flash", "efficient", "math"), or
-        "varlen": one FlashAttention-2 varlen launch over all sequences of the batch, whatever their lengths.
+    attention: "auto" ("fa4" where it can run, else torch's SDPA choice), one SDPA backend ("cudnn", "flash",
+        "efficient", "math"), or one varlen launch over all sequences of the batch, whatever their lengths:
+        "varlen" (torch's FlashAttention-2) or "fa4" (FlashAttention-4, the `fa4` extra, Hopper GPUs).
     packed: the global views and the crops go through the blocks as one token batch (bigger GEMMs, half the
         launches) instead of one pass per resolution.
     rope_dtype: the dtype the 2D rotation is computed in.
@@ -56,7 +59,7 @@ class VisionOptions:
     compile_mode: str | None = None
 
     def __post_init__(self):
-        if self.attention not in ("auto", "varlen", *_SDPA_BACKENDS):
+        if self.attention not in ("auto", *_VARLEN_BACKENDS, *_SDPA_BACKENDS):
             raise ValueError(f"unknown vision attention {self.attention!r}")
         if self.patch_embed not in ("conv", "gemm"):
             raise ValueError(f"unknown patch_embed {self.patch_embed!r}")
@@ -92,19 +95,23 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: 
     [out, heads * head_dim], bias or None) -> [T, out].
 
     groups: CPU int64 [G, 2], rows (sequences, tokens per sequence), laid out back to back along T.
-    cu_seqlens: int32 offsets of every sequence on q's device (backend "varlen" only).
+    cu_seqlens: int32 offsets of every sequence on q's device (backends "varlen" and "fa4" only).
 
-    An opaque op to torch.compile, so the compiled blocks neither copy q/k/v into another layout nor fix the
-    backend at trace time. With the projection, each group's output is projected straight into its rows of the
-    result instead of being concatenated first (H100, two 720p images, per layer: the concatenation took 50 us,
-    two GEMMs into slices 10 us more than one).
+    An opaque op to torch.compile, so the compiled blocks do not copy q/k/v into another layout. With the
+    projection, each group's output is projected straight into its rows of the result instead of being
+    concatenated first (H100, two 720p images, per layer: the concatenation took 50 us, two GEMMs into slices
+    10 us more than one).
     """
     t, heads, head_dim = q.shape
-    if backend == "varlen" and q.is_cuda:
-        from torch.nn.attention.varlen import varlen_attn
-
+    if backend in _VARLEN_BACKENDS and q.is_cuda:
         longest = int(groups[:, 1].max())
-        outs = [varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest).reshape(t, -1)]
+        if backend == "fa4":
+            out = flash_attention4.varlen_attention(q, k, v, cu_seqlens, longest)
+        else:
+            from torch.nn.attention.varlen import varlen_attn
+
+            out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest)
+        outs = [out.reshape(t, -1)]
     else:
         outs, start = [], 0
         use = sdpa_kernel(_SDPA_BACKENDS[backend]) if q.is_cuda and backend in _SDPA_BACKENDS else contextlib.nullcontext()
@@ -138,7 +145,6 @@ class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig, quant: Fp8Config | None = None, prefix: str = ""):
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.head_dim
-        self.backend = DEFAULT_OPTIONS.attention
         # nn.MultiheadAttention's layout: q, k, v stacked along the output dim (the checkpoint's in_proj_weight).
         self.in_proj = make_linear(quant, f"{prefix}.in_proj", cfg.width, 3 * cfg.width, bias=True)
         # Quantized at load time, out_proj stays in bf16: at 1536 x 1536 its fp8 GEMM saves less than quantizing
@@ -147,14 +153,14 @@ class VisionAttention(nn.Module):
         self.out_proj = make_linear(out_quant, f"{prefix}.out_proj", cfg.width, cfg.width, bias=True)
 
     def forward(self, x: torch.Tensor | Fp8Rows, cos: torch.Tensor, sin: torch.Tensor, groups: torch.Tensor,
-                cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None, backend: str) -> torch.Tensor:
         qkv = self.in_proj(x)
         q, k, v = qkv.view(qkv.shape[0], 3, self.heads, self.head_dim).unbind(1)
         q, k = apply_rope2d(q, cos, sin), apply_rope2d(k, cos, sin)
         proj = self.out_proj
         if isinstance(proj, Linear) and proj.activation is None:  # plain weights: the attention op applies them
-            return vision_attention(q, k, v, groups, cu_seqlens, self.backend, proj.weight, proj.bias)
-        return proj(vision_attention(q, k, v, groups, cu_seqlens, self.backend, None, None))
+            return vision_attention(q, k, v, groups, cu_seqlens, backend, proj.weight, proj.bias)
+        return proj(vision_attention(q, k, v, groups, cu_seqlens, backend, None, None))
 
 
 class LayerScale(nn.Module):
@@ -193,14 +199,15 @@ class VisionBlock(nn.Module):
         self.fp8_norms = (isinstance(self.attn.in_proj, Fp8Linear), isinstance(self.mlp.c_fc, Fp8Linear))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                groups: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                groups: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         """x + gamma * y (the residual the block before left to add), then this block; returns the stream and
         this block's own MLP output, left for the next block to add, so that each residual add and the norm
         after it are one pass over the stream. x, y [tokens, width]; gamma [width]; cos/sin [tokens, 1,
-        head_dim / 2]; groups/cu_seqlens: see `vision_attention`."""
+        head_dim / 2]; groups/cu_seqlens/backend: see `vision_attention`."""
         ln_1, ln_2 = self.ln_1, self.ln_2
         x, h = scaled_add_layer_norm(x, y, gamma, ln_1.weight, ln_1.bias, ln_1.eps, self.fp8_norms[0])
-        attn = self.attn(h, cos, sin, groups, cu_seqlens)
+        attn = self.attn(h, cos, sin, groups, cu_seqlens, backend)
         x, h = scaled_add_layer_norm(x, attn, self.ls_1.gamma, ln_2.weight, ln_2.bias, ln_2.eps, self.fp8_norms[1])
         return x, self.mlp(h)
 
@@ -232,8 +239,6 @@ class PerceptionEncoder(nn.Module):
     def configure(self, options: VisionOptions) -> None:
         """Run the tower the way `options` says from now on (the same function); leaves the blocks eager."""
         self.options = options
-        for block in self.transformer.resblocks:
-            block.attn.backend = options.attention
         # Changing the weights' layout in place keeps their values, so this may follow weight loading.
         fmt = torch.channels_last if options.channels_last else torch.contiguous_format
         for conv in (self.vit_downsampler1, self.vit_downsampler2):
@@ -270,14 +275,25 @@ class PerceptionEncoder(nn.Module):
             x = self.conv1(pixels).flatten(2).transpose(1, 2)
         return self.ln_pre(x + self._position_embedding(g)).flatten(0, 1)
 
+    def attention_backend(self, device: torch.device) -> str:
+        """The attention kernel the blocks use on `device` (`options.attention` with "auto" resolved)."""
+        chosen = self.options.attention
+        if chosen == "auto" and flash_attention4.available(device):
+            return "fa4"
+        if chosen == "fa4" and device.type == "cuda" and not flash_attention4.available(device):
+            raise RuntimeError("vision attention 'fa4' needs a Hopper GPU and the flash-attn-4 package "
+                               "(pip install 'stepserve[fa4]')")
+        return chosen
+
     def _blocks(self, x: torch.Tensor, seqs: list[tuple[int, int]]) -> torch.Tensor:
         """The blocks over x [T, width] holding `seqs` = [(images, grid)] back to back."""
         # A smaller grid (crops) uses the first rows/cols of the trained grid's angles, unscaled.
         angles = torch.cat([self.rope_angles[:g, :g].reshape(g * g, 1, -1).repeat(b, 1, 1) for b, g in seqs])
         cos, sin = angles.cos().to(self.options.rope_dtype), angles.sin().to(self.options.rope_dtype)
         groups = torch.tensor([[b, g * g] for b, g in seqs])
+        backend = self.attention_backend(x.device)
         cu_seqlens = None
-        if self.options.attention == "varlen":
+        if backend in _VARLEN_BACKENDS:
             offsets = itertools.accumulate((g * g for b, g in seqs for _ in range(b)), initial=0)
             cu_seqlens = to_device(torch.tensor(list(offsets), dtype=torch.int32), x.device)
         run = self._compiled_block or _run_block
@@ -286,7 +302,7 @@ class PerceptionEncoder(nn.Module):
         blocks = self.transformer.resblocks
         y, gamma = torch.zeros_like(x), blocks[0].ls_2.gamma
         for block in blocks:
-            x, y = run(block, x, y, gamma, cos, sin, groups, cu_seqlens)
+            x, y = run(block, x, y, gamma, cos, sin, groups, cu_seqlens, backend)
             gamma = block.ls_2.gamma
         return x + gamma * y
 

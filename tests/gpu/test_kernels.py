@@ -7,6 +7,7 @@ runner's decode graphs against its plain-torch layers.
 from __future__ import annotations
 
 import functools
+import itertools
 import importlib.util
 from pathlib import Path
 
@@ -556,7 +557,8 @@ def test_compiled_vision_block_takes_the_fused_kernels():
         torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
     x, y = torch.randn(2, 2 * 1296, cfg.width, device=DEV, dtype=torch.bfloat16).unbind(0)
     angles = torch.rand(2 * 1296, cfg.head_dim // 2, device=DEV) * 30
-    args = (x, y, block.ls_2.gamma, angles.cos()[:, None], angles.sin()[:, None], torch.tensor([[2, 1296]]), None)
+    args = (x, y, block.ls_2.gamma, angles.cos()[:, None], angles.sin()[:, None], torch.tensor([[2, 1296]]), None,
+            "auto")
     with torch.no_grad():
         ref = block(*args)
     graphs = []
@@ -579,3 +581,27 @@ def test_compiled_vision_block_takes_the_fused_kernels():
     assert sum("scaled_add_layer_norm" in t for t in targets) == 2, targets
     for got, want in zip(out, ref):
         assert _rel_err(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("head_dim", [96, 64])
+def test_flash_attention4_vision_attention_matches_per_sequence_attention(head_dim):
+    """The tower's attention op through FlashAttention-4 (one varlen launch; head_dim 96 takes our launch
+    config) against the same op in float32 math: the global views' and the crops' sequences back to back, v a
+    strided view of the qkv GEMM's output as in the tower, out_proj applied. Needs the `fa4` extra."""
+    from stepserve.layers import flash_attention4
+    from stepserve.models.perception_encoder import vision_attention
+
+    if not flash_attention4.available(torch.device(DEV)):
+        pytest.skip("needs the fa4 extra on a Hopper GPU")
+    torch.manual_seed(0)
+    heads, groups = 16, torch.tensor([[2, 2704], [3, 1296]])
+    lens = [n for count, n in groups.tolist() for _ in range(count)]
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=DEV)
+    qkv = torch.randn(sum(lens), 3, heads, head_dim, device=DEV, dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(1)
+    q, k = q.contiguous(), k.contiguous()
+    weight = torch.randn(heads * head_dim, heads * head_dim, device=DEV, dtype=torch.bfloat16) / 40
+    bias = torch.randn(heads * head_dim, device=DEV, dtype=torch.bfloat16)
+    got = vision_attention(q, k, v, groups, cu, "fa4", weight, bias)
+    want = vision_attention(q.float(), k.float(), v.float(), groups, None, "math", weight.float(), bias.float())
+    assert _rel_err(got, want) < 1e-2
