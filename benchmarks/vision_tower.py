@@ -275,7 +275,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     model, config = build_model(args.quantize_vision)
     model.vision_model.configure(dataclasses.replace(DEFAULT_OPTIONS, attention=args.attention))
-    attention = model.vision_model.attention_backend(torch.device("cuda"))
+    attention = model.vision_model.attention_backend(torch.device("cuda"), torch.bfloat16)
     if args.compile:
         model.vision_model.compile_blocks()
     results = []

@@ -209,13 +209,28 @@ def test_attention_op_attends_within_each_sequence_and_projects_each_group(proje
 
 
 def test_auto_attention_takes_flash_attention4_where_it_runs(model, configured, view_and_crop, monkeypatch):
-    """"auto" resolves to "fa4" (one varlen launch: cu_seqlens at each sequence's start) when the package and
-    GPU allow it, else stays torch's choice; "fa4" asked for on a GPU without it is refused by name. On CPU the
-    op itself falls back to SDPA, so the output is the reference's."""
+    """"auto" resolves to "fa4" where the package and GPU allow it and the activations are bf16 or fp16, else
+    stays torch's choice; "fa4" asked for on a GPU where it cannot run is refused by name. "fa4" launches once
+    over all sequences (cu_seqlens at each one's start); on CPU the op falls back to SDPA, so the output is the
+    reference's."""
     from stepserve.layers import flash_attention4
     from stepserve.models import perception_encoder
 
-    assert not flash_attention4.available(torch.device("cpu"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not flash_attention4.available(cpu)
+    assert configured.attention_backend(cpu, torch.bfloat16) == "auto"
+    monkeypatch.setattr(flash_attention4, "available", lambda device: True)
+    assert configured.attention_backend(cuda, torch.bfloat16) == "fa4"
+    assert configured.attention_backend(cuda, torch.float32) == "auto"
+    configured.configure(VisionOptions(attention="cudnn"))
+    assert configured.attention_backend(cuda, torch.bfloat16) == "cudnn"
+    configured.configure(VisionOptions(attention="fa4"))
+    with pytest.raises(RuntimeError, match="bf16 or fp16"):
+        configured.attention_backend(cuda, torch.float32)
+    monkeypatch.setattr(flash_attention4, "available", lambda device: False)
+    with pytest.raises(RuntimeError, match="flash-attn-4"):
+        configured.attention_backend(cuda, torch.bfloat16)
+
     seen = []
     op = perception_encoder.vision_attention
 
@@ -225,19 +240,12 @@ def test_auto_attention_takes_flash_attention4_where_it_runs(model, configured, 
 
     monkeypatch.setattr(perception_encoder, "vision_attention", spy)
     view, crop, want_crop, want_view = view_and_crop
-    configured.configure(VisionOptions(attention="auto"))
     with torch.inference_mode():
-        model.encode_images(view, crop, [1])
-        assert seen[-1] == ("auto", None)
-        monkeypatch.setattr(flash_attention4, "available", lambda device: True)
         (got,) = model.encode_images(view, crop, [1])
     grid, crop_grid = 728 // 14, 504 // 14
     assert seen[-1] == ("fa4", [0, grid * grid, grid * grid + crop_grid * crop_grid])
+    torch.testing.assert_close(got[:81], want_crop, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(got[81:], want_view, atol=ATOL, rtol=RTOL)
-    monkeypatch.setattr(flash_attention4, "available", lambda device: False)
-    configured.configure(VisionOptions(attention="fa4"))
-    with pytest.raises(RuntimeError, match="flash-attn-4"):
-        configured.attention_backend(torch.device("cuda"))
 
 
 def test_unknown_options_are_refused():

@@ -102,7 +102,7 @@ class ModelRunner:
             patches = torch.randn(crops, 3, 504, 504, device=self.device, dtype=self.dtype) if crops else None
             self.model.encode_images(pixels, patches, [crops // views] * views)
         log.info("compiled the vision tower in %.1f s (attention: %s)", time.perf_counter() - start,
-                 self.model.vision_model.attention_backend(self.device))
+                 self.model.vision_model.attention_backend(self.device, self.dtype))
 
     # -- KV cache ---------------------------------------------------------------------------------
     def _allocate_kv_cache(self) -> int:

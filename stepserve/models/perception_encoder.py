@@ -275,14 +275,16 @@ class PerceptionEncoder(nn.Module):
             x = self.conv1(pixels).flatten(2).transpose(1, 2)
         return self.ln_pre(x + self._position_embedding(g)).flatten(0, 1)
 
-    def attention_backend(self, device: torch.device) -> str:
-        """The attention kernel the blocks use on `device` (`options.attention` with "auto" resolved)."""
+    def attention_backend(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The attention kernel the blocks use for activations of `dtype` on `device` (`options.attention` with
+        "auto" resolved)."""
         chosen = self.options.attention
-        if chosen == "auto" and flash_attention4.available(device):
+        fa4 = dtype in (torch.bfloat16, torch.float16) and flash_attention4.available(device)
+        if chosen == "auto" and fa4:
             return "fa4"
-        if chosen == "fa4" and device.type == "cuda" and not flash_attention4.available(device):
-            raise RuntimeError("vision attention 'fa4' needs a Hopper GPU and the flash-attn-4 package "
-                               "(pip install 'stepserve[fa4]')")
+        if chosen == "fa4" and device.type == "cuda" and not fa4:
+            raise RuntimeError("vision attention 'fa4' needs a Hopper GPU, bf16 or fp16 weights and the "
+                               "flash-attn-4 package (pip install 'stepserve[fa4]')")
         return chosen
 
     def _blocks(self, x: torch.Tensor, seqs: list[tuple[int, int]]) -> torch.Tensor:
@@ -291,7 +293,7 @@ class PerceptionEncoder(nn.Module):
         angles = torch.cat([self.rope_angles[:g, :g].reshape(g * g, 1, -1).repeat(b, 1, 1) for b, g in seqs])
         cos, sin = angles.cos().to(self.options.rope_dtype), angles.sin().to(self.options.rope_dtype)
         groups = torch.tensor([[b, g * g] for b, g in seqs])
-        backend = self.attention_backend(x.device)
+        backend = self.attention_backend(x.device, x.dtype)
         cu_seqlens = None
         if backend in _VARLEN_BACKENDS:
             offsets = itertools.accumulate((g * g for b, g in seqs for _ in range(b)), initial=0)
