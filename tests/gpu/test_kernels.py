@@ -585,9 +585,9 @@ def test_compiled_vision_block_takes_the_fused_kernels():
 
 @pytest.mark.parametrize("head_dim", [96, 64])
 def test_flash_attention4_vision_attention_matches_per_sequence_attention(head_dim):
-    """The tower's attention op through FlashAttention-4 (one varlen launch; head_dim 96 takes our launch
-    config) against the same op in float32 math: the global views' and the crops' sequences back to back, v a
-    strided view of the qkv GEMM's output as in the tower, out_proj applied. Needs the `fa4` extra."""
+    """The tower's attention op through FlashAttention-4 (one varlen launch) against the same op in float32
+    math: the global views' and the crops' sequences back to back, v a strided view of the qkv GEMM's output as
+    in the tower, out_proj applied. Needs the `fa4` extra."""
     from stepserve.layers import flash_attention4
     from stepserve.models.perception_encoder import vision_attention
 
