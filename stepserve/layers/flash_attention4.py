@@ -3,8 +3,9 @@ tower's bidirectional attention on Hopper.
 
 At head_dim 96 cuDNN's SDPA runs at ~300-380 TFLOP/s on the H100. One FA4 launch over all of a batch's
 sequences (two 720p images: 2 x 2704 + 12 x 1296 tokens, 16 heads) took 0.48-0.52 ms against 0.67-0.73 ms for
-cuDNN's two calls, each pair measured in one call; FA4's own tile choice (192 x 144 at head_dim 96) was within
-3 % of the best of ten (docs/benchmarks.md, session 18).
+cuDNN's two calls, each pair measured in one call. FA4's own tile choice (192 x 144 at head_dim 96) is kept: the
+fastest of ten tiles on one H100; on another, timed first, 19 % behind 192 x 112; the two rankings did not agree
+(docs/benchmarks.md, session 18).
 """
 
 from __future__ import annotations
