@@ -13,12 +13,8 @@ set -uo pipefail
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STAGES=${1:-tests,kernels,ttft,latency,throughput,peer,vision,prefill}
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-# The fa4 extra installed with --target: its .pth (which puts CUTLASS's DSL on the path) is not read there.
-if [[ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ]]; then PYTHONPATH+=:/tmp/site/nvidia_cutlass_dsl/dsl_packages; fi
+source benchmarks/device_env.sh
+export PYTHONPATH=$SITE_PATH:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 # The commit of this tree: a `git archive` copy inside another checkout must not report that checkout's HEAD.
 if [[ "$(git rev-parse --show-toplevel 2>/dev/null)" == "$PWD" ]]; then git rev-parse --short HEAD; else

@@ -7,17 +7,15 @@
 #   SERVER_FLAGS: extra `launch_server` flags for every tree; results in $OUT/<tree name>/
 set -uo pipefail
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-fi
+source benchmarks/device_env.sh
 export PYTHONUNBUFFERED=1
 MODEL_DIR=/tmp/step3-vl-10b-dummy
-PYTHONPATH=/tmp/site:$PWD python3 -c "from stepserve.testing import real_dummy_checkpoint; real_dummy_checkpoint('$MODEL_DIR')"
+PYTHONPATH=$SITE_PATH:$PWD python3 -c "from stepserve.testing import real_dummy_checkpoint; real_dummy_checkpoint('$MODEL_DIR')"
 for tree in "${@:-.}"; do
   name=$(basename "$(cd "$tree" && pwd)"); dir="$OUT/$name"; mkdir -p "$dir"
   (
     cd "$tree" || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
+    export PYTHONPATH=$SITE_PATH:$PWD
     python3 -m stepserve.launch_server --model "$MODEL_DIR" --load-format dummy --served-model-name stepfun-ai/Step3-VL-10B \
       --host 127.0.0.1 --port 30000 --context-length 32768 ${SERVER_FLAGS:-} > "$dir/server.log" 2>&1 &
     server=$!
