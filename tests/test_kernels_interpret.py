@@ -33,7 +33,7 @@ def kern():
     # import_module: the package re-exports the function `paged_attention` under the module's name.
     return SimpleNamespace(**{m: importlib.import_module(f"stepserve.kernels.{m}")
                               for m in ("activation", "fp8_gemm", "layer_norm", "linear_gelu", "paged_attention",
-                                        "rmsnorm", "rotary", "top_p")})
+                                        "rmsnorm", "rope2d", "rotary", "top_p")})
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -189,6 +189,33 @@ def test_apply_rotary_in_place(kern):
     _assert_close(q, q_ref)
     _assert_close(k, k_ref)
     assert torch.equal(qkv[:, 6 * 32:], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("tokens,heads,head_dim", [(19, 4, 16), (3, 16, 96), (0, 2, 8)])
+def test_rope2d_qk(kern, tokens, heads, head_dim):
+    """The vision rotary of q and k read from a fused qkv row (strided views) against the reference; q and k
+    themselves are left as they were. 16 x 96 is the tower's row: 768 pairs, three 256-pair tiles."""
+    qkv = torch.randn(tokens, 3, heads, head_dim, dtype=torch.float16)
+    q, k, _ = qkv.unbind(1)
+    before = qkv.clone()
+    angles = torch.rand(tokens, 1, head_dim // 2) * 30
+    cos, sin = angles.cos(), angles.sin()
+    out_q, out_k = kern.rope2d.rope2d_qk(q, k, cos, sin)
+    ref_q, ref_k = rope_ref.rope2d_qk.reference(q, k, cos, sin)
+    assert out_q.is_contiguous() and out_k.is_contiguous() and torch.equal(qkv, before)
+    torch.testing.assert_close(out_q, ref_q, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out_k, ref_k, atol=2e-3, rtol=2e-3)
+
+
+def test_rope2d_qk_other_layouts_take_the_reference(kern):
+    """Angles in bf16 (`VisionOptions.rope_dtype`) or heads not packed in the row are the reference's."""
+    q, k = torch.randn(2, 5, 2, 8, dtype=torch.float16).unbind(0)
+    angles = torch.rand(5, 1, 4)
+    for args in ((q, k, angles.cos().half(), angles.sin().half()),
+                 (q.transpose(0, 1).contiguous().transpose(0, 1), k, angles.cos(), angles.sin())):
+        got = kern.rope2d.rope2d_qk(*args)
+        want = rope_ref.rope2d_qk.reference(*args)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_qk_norm_rope(kern):
@@ -426,7 +453,7 @@ def test_install_registers_every_layer_function():
                  "qk_norm_rope_store_kv": attention.qk_norm_rope_store_kv,
                  "qk_norm_rope_attend": attention.qk_norm_rope_attend, "silu_and_mul": act_ref.silu_and_mul,
                  "fp8_linear": quant.fp8_linear, "fp8_mlp": quant.fp8_mlp, "linear": linear.linear, "top_p_cut": sampling.top_p_cut,
-                 "scaled_add_layer_norm": norm_ref.scaled_add_layer_norm}
+                 "scaled_add_layer_norm": norm_ref.scaled_add_layer_norm, "rope2d_qk": rope_ref.rope2d_qk}
     assert set(kernels.LAYER_KERNELS) == set(layer_fns)
     kernels.install_triton_kernels()
     try:

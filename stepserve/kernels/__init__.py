@@ -14,6 +14,7 @@ from stepserve.kernels.gemv import linear
 from stepserve.kernels.layer_norm import scaled_add_layer_norm
 from stepserve.kernels.paged_attention import decode_attention, extend_attention, paged_attention, qk_norm_rope_attend
 from stepserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
+from stepserve.kernels.rope2d import rope2d_qk
 from stepserve.kernels.rotary import apply_rotary, qk_norm_rope, qk_norm_rope_store_kv
 from stepserve.kernels.top_p import top_p_cut
 
@@ -27,6 +28,7 @@ LAYER_KERNELS = {
     "qk_norm_rope": qk_norm_rope,
     "qk_norm_rope_store_kv": qk_norm_rope_store_kv,
     "qk_norm_rope_attend": qk_norm_rope_attend,
+    "rope2d_qk": rope2d_qk,  # the vision tower's
     "silu_and_mul": silu_and_mul,
     "fp8_linear": fp8_gemm,
     "fp8_mlp": fp8_mlp,  # the vision MLP's, when its linears are fp8
@@ -47,4 +49,4 @@ def install_triton_kernels(enable: bool = True) -> None:
 
 __all__ = ["apply_rotary", "decode_attention", "extend_attention", "fp8_gemm", "fp8_mlp", "fused_add_rms_norm",
            "install_triton_kernels", "paged_attention", "qk_norm_rope", "qk_norm_rope_attend", "qk_norm_rope_store_kv",
-           "rms_norm", "scaled_add_layer_norm", "silu_and_mul", "top_p_cut", "LAYER_KERNELS"]
+           "rms_norm", "rope2d_qk", "scaled_add_layer_norm", "silu_and_mul", "top_p_cut", "LAYER_KERNELS"]

@@ -1,4 +1,5 @@
-"""1D rotary position embedding, NeoX layout (the head is split in two halves that rotate together)."""
+"""Rotary position embeddings: the decoder's 1D rotary in NeoX layout (the head is split in two halves that rotate
+together), and the vision tower's 2D rotary over adjacent pairs."""
 
 from __future__ import annotations
 
@@ -38,6 +39,22 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     One fused kernel on GPU when registered; otherwise the two steps, each on its own kernel or reference.
     """
     return apply_rotary(rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), positions, cos_sin_cache)
+
+
+def apply_rope2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [..., D] by angles whose cos/sin [..., D / 2] broadcast
+    against x's pairs; computed in cos's dtype, returned in x's."""
+    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
+
+
+@dispatched
+def rope2d_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision tower's 2D rotary of q and k [T, H, D] (views of its qkv GEMM's output) by per-token angles,
+    cos / sin [T, 1, D / 2]; new tensors, q and k untouched."""
+    return apply_rope2d(q, cos, sin), apply_rope2d(k, cos, sin)
 
 
 class RotaryEmbedding(nn.Module):

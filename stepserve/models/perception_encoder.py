@@ -28,6 +28,7 @@ from stepserve.layers import flash_attention4
 from stepserve.layers.linear import Linear
 from stepserve.layers.norm import scaled_add_layer_norm
 from stepserve.layers.quant import Fp8Config, Fp8Linear, Fp8Rows, fp8_mlp, make_linear
+from stepserve.layers.rotary import rope2d_qk
 from stepserve.models.configs import VisionConfig
 
 _SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -76,14 +77,6 @@ def rope2d_angles(grid: int, head_dim: int, theta: float) -> torch.Tensor:
     col = torch.outer(pos, inv_freq)[None, :, :].expand(grid, grid, -1)
     row = torch.outer(pos, inv_freq)[:, None, :].expand(grid, grid, -1)
     return torch.cat([col, row], dim=-1)
-
-
-def apply_rope2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [..., D] by angles whose cos/sin [..., D / 2] broadcast
-    against x's pairs; computed in cos's dtype, returned in x's."""
-    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
 
 
 @torch.library.custom_op("stepserve::vision_attention", mutates_args=())
@@ -156,7 +149,7 @@ class VisionAttention(nn.Module):
                 cu_seqlens: torch.Tensor | None, backend: str) -> torch.Tensor:
         qkv = self.in_proj(x)
         q, k, v = qkv.view(qkv.shape[0], 3, self.heads, self.head_dim).unbind(1)
-        q, k = apply_rope2d(q, cos, sin), apply_rope2d(k, cos, sin)
+        q, k = rope2d_qk(q, k, cos, sin)
         proj = self.out_proj
         if isinstance(proj, Linear) and proj.activation is None:  # plain weights: the attention op applies them
             return vision_attention(q, k, v, groups, cu_seqlens, backend, proj.weight, proj.bias)

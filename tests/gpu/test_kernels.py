@@ -541,9 +541,27 @@ def test_scaled_add_layer_norm_at_vision_width(M):
     assert _rel_err(s, ref_s) < 4e-3 and _rel_err(h, ref_h) < 8e-3
 
 
+@pytest.mark.parametrize("tokens", [20960, 1296, 5])
+def test_rope2d_qk_at_vision_shapes(tokens):
+    """The tower's 2D rotary of q and k (16 heads x 96, views of the qkv GEMM's rows) against the float32
+    reference; the qkv rows are left as they were."""
+    from stepserve.kernels.rope2d import rope2d_qk
+
+    qkv = torch.randn(tokens, 3, 16, 96, device=DEV, dtype=torch.bfloat16)
+    before = qkv.clone()
+    q, k, _ = qkv.unbind(1)
+    angles = torch.rand(tokens, 1, 48, device=DEV) * 60
+    cos, sin = angles.cos(), angles.sin()
+    got = rope2d_qk(q, k, cos, sin)
+    want = rope_ref.rope2d_qk.reference(q.float(), k.float(), cos, sin)
+    assert torch.equal(qkv, before)
+    for g, w in zip(got, want):
+        assert g.is_contiguous() and (g.float() - w).abs().max() < 0.02 and _rel_err(g, w) < 4e-3
+
+
 def test_compiled_vision_block_takes_the_fused_kernels():
-    """A vision block compiled (as the tower's are) with the kernels installed: c_fc is the GEMM with quick-GELU
-    and both residual adds + norms the one-pass kernel, opaque ops in one graph, and the block's two outputs
+    """A vision block compiled (as the tower's are) with the kernels installed: c_fc is the GEMM with quick-GELU,
+    both residual adds + norms the one-pass kernel and the rotary of q and k one kernel, opaque ops in one graph, and the block's two outputs
     match the eager reference path (cuBLAS, quick-GELU, torch's layer norm)."""
     from stepserve.kernels import install_triton_kernels
     from stepserve.models.configs import VisionConfig
@@ -579,6 +597,7 @@ def test_compiled_vision_block_takes_the_fused_kernels():
     targets = [str(n.target) for gm in graphs for n in gm.graph.nodes]
     assert any("linear_quick_gelu" in t for t in targets), targets
     assert sum("scaled_add_layer_norm" in t for t in targets) == 2, targets
+    assert sum("rope2d_qk" in t for t in targets) == 1, targets
     for got, want in zip(out, ref):
         assert _rel_err(got, want) < 1e-2
 
