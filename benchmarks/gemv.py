@@ -1,11 +1,13 @@
-"""Times the skinny GEMM (stepserve.kernels.gemv) at the Qwen3-8B decoder's linear shapes, M = 1, 4, 8, in bf16 and
-block-fp8, against bf16 F.linear (cuBLAS) and against the bytes floor (W read once at the 3.0 TB/s copy ceiling
-of docs/performance); then all the linears of one decode step in one CUDA graph; then (--sweep) a grid of launch
-configs per shape, so one GPU run picks the defaults.
+"""Times the skinny GEMM (stepserve.kernels.gemv) at the Qwen3-8B decoder's linear shapes, M = 1, 4, 8 (or --rows), in
+bf16 and block-fp8, against bf16 F.linear (cuBLAS) and against the bytes floor (W read once at the 3.0 TB/s copy
+ceiling of docs/performance); then (--sweep) a grid of launch configs per shape, so one GPU run picks the defaults;
+then all the linears of one decode step in one CUDA graph (with --sweep also the best config of each shape).
 
     python benchmarks/gemv.py                       # bf16 and fp8 tables, decode-step linears; $OUT/gemv.json
     python benchmarks/gemv.py --sweep --fp8         # + the fp8 config sweep (--bf16 for bf16, both: neither)
     python benchmarks/gemv.py --sweep --sweep-s 60  # stop sweeping after about 60 s
+    python benchmarks/gemv.py --bf16 --rows 96,128 --sweep --sweep-s 400  # a seed-sized decode batch: wide row
+                                                                           # tiles and split-K against cuBLAS
 
 Every time is a CUDA-graph replay of many calls that cycle over distinct weight sets of > 4 x L2 together, so
 each call streams its W from memory as a decode step's graph does. "gate_up+silu" is gate_up_proj with the
@@ -105,7 +107,7 @@ def checked(fn, x: torch.Tensor, ws: tuple, activation: str | None) -> float:
     return err
 
 
-def bench_table(results: list, dtypes: list[str]) -> None:
+def bench_table(results: list, dtypes: list[str], rows: list[int]) -> None:
     print(f"{'shape':13s} {'dtype':5s} {'M':>2s} {'floor us':>9s} {'graph us':>9s} {'floor%':>7s} {'TB/s':>5s}"
           f" {'cuBLAS bf16':>11s} {'floor%':>7s} {'speedup':>7s}  config")
     for name, (N, K, act) in SHAPES.items():
@@ -115,7 +117,7 @@ def bench_table(results: list, dtypes: list[str]) -> None:
             if fp8 and name == "lm_head":  # stays bf16 in an fp8 model
                 continue
             sets = weight_sets(N, K, True) if fp8 else bf16_sets
-            for M in (1, 4, 8):
+            for M in rows:
                 x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
                 err = checked(skinny_fn(act), x, sets[0], act)
                 t = graph_us(skinny_fn(act), x, sets)
@@ -134,11 +136,12 @@ def bench_table(results: list, dtypes: list[str]) -> None:
         torch.cuda.empty_cache()
 
 
-def decode_step(results: dict) -> None:
+def decode_step(results: dict, dtypes: list[str], rows: list[int], best: dict) -> None:
     """All linears of one decode step (36 layers of qkv, o, gate_up + silu_and_mul, down; then the bf16 lm_head)
-    in one CUDA graph over the real model's worth of distinct weights (nothing stays in L2)."""
-    hidden = torch.randn(8, SHAPES["qkv_proj"][1], device=DEV, dtype=torch.bfloat16)
-    inter = torch.randn(8, SHAPES["down_proj"][1], device=DEV, dtype=torch.bfloat16)
+    in one CUDA graph over the real model's worth of distinct weights (nothing stays in L2). `best`: the sweep's
+    fastest call per (dtype, M, shape), timed as one more variant."""
+    hidden = torch.randn(max(rows), SHAPES["qkv_proj"][1], device=DEV, dtype=torch.bfloat16)
+    inter = torch.randn(max(rows), SHAPES["down_proj"][1], device=DEV, dtype=torch.bfloat16)
     lm_head = random_weight(*SHAPES["lm_head"][:2], False)
     variants = {  # name: (fp8 weights, the layer call)
         "cuBLAS bf16 + silu kernel": (False, lambda a, ws, act: cublas_fn(act)(a, ws)),
@@ -148,25 +151,30 @@ def decode_step(results: dict) -> None:
         "skinny fp8 + silu kernel": (True, lambda a, ws, act: skinny_fn(None)(a, ws) if act is None else
                                      silu_and_mul(skinny_fn(None)(a, ws))),
         "skinny fp8, fused silu": (True, lambda a, ws, act: skinny_fn(act)(a, ws)),
+        "best per shape (sweep)": (None, None),
     }
     print("\nlinears of one decode step (36 layers + bf16 lm_head), one CUDA graph:")
-    for fp8 in (False, True):
+    for fp8 in (dtype == "fp8" for dtype in dtypes):
         layers = [{name: random_weight(*SHAPES[name][:2], fp8) for name in STEP} for _ in range(LAYERS)]
         floor_bytes = LAYERS * sum(w_bytes(*SHAPES[name][:2], fp8) for name in STEP) + w_bytes(*SHAPES["lm_head"][:2], False)
         for vname, (v_fp8, call) in variants.items():
-            if v_fp8 != fp8:
+            if v_fp8 not in (fp8, None):
                 continue
-            for M in (1, 4, 8):
+            for M in rows:
                 x_h, x_i = hidden[:M], inter[:M]
+                dtype = "fp8" if fp8 else "bf16"
+                if v_fp8 is None and not all((dtype, M, name) in best for name in (*STEP, "lm_head")):
+                    continue
+                fns = {name: best[(dtype, M, name)] if v_fp8 is None else
+                       (lambda name: lambda a, ws: call(a, ws, SHAPES[name][2]))(name) for name in STEP}
+                fns["lm_head"] = best.get((dtype, M, "lm_head")) if v_fp8 is None else \
+                    cublas_fn(None) if vname.startswith("cuBLAS") else skinny_fn(None)
 
                 def step():
                     for layer in layers:
                         for name in STEP:
-                            call(x_i if name == "down_proj" else x_h, layer[name], SHAPES[name][2])
-                    if vname.startswith("cuBLAS"):
-                        F.linear(x_h, lm_head[0])
-                    else:
-                        skinny_fn(None)(x_h, lm_head)
+                            fns[name](x_i if name == "down_proj" else x_h, layer[name])
+                    fns["lm_head"](x_h, lm_head)
 
                 step()
                 torch.cuda.synchronize()
@@ -182,10 +190,28 @@ def decode_step(results: dict) -> None:
         torch.cuda.empty_cache()
 
 
-def sweep_grid(M: int, fp8: bool, silu: bool) -> list[dict]:
+def wide_grid(N: int, K: int, silu: bool) -> list[dict]:
+    """Tensor-core configs for a decode batch (M > 8, x padded to up to 128 rows): x's tile is re-read from L2 by
+    every program, so each program takes 64-256 rows of W, and split-K brings the programs to ~100-400."""
+    halves = 2 if silu else 1
+    out = []
+    for rows, block_k, stages, warps in ((64, 64, 4, 4), (64, 64, 6, 4), (64, 128, 3, 4), (128, 64, 4, 4),
+                                          (128, 64, 4, 8), (128, 64, 5, 8), (128, 64, 6, 8), (128, 128, 3, 8),
+                                          (256, 64, 3, 8)):
+        tiles, k_steps = N // (rows // halves), K // block_k
+        splits = {s for s in (1, 2, 3, 4, 6, 8, 12) if s <= k_steps and 96 <= tiles * s <= 400}
+        for split in sorted(splits | ({1} if tiles >= torch.cuda.get_device_properties(0).multi_processor_count else set())):
+            out.append(dict(use_dot=True, block_n=rows // halves, block_k=block_k, num_stages=stages,
+                            num_warps=warps, split_k=split))
+    return out
+
+
+def sweep_grid(M: int, N: int, K: int, fp8: bool, silu: bool) -> list[dict]:
     """Configs to try at M rows, most promising first (the sweep may stop on its time budget). Sizes are rows
     of W per program (halved into gate and up with silu)."""
     halves = 2 if silu else 1
+    if M > 8 and not fp8:
+        return wide_grid(N, K, silu)
 
     def reg(rows, warps, loads, split=None):
         cfg = dict(use_dot=False, block_n=rows // halves, num_warps=warps, block_k=FMA_K_PER_WARP * warps * loads,
@@ -209,14 +235,16 @@ def sweep_grid(M: int, fp8: bool, silu: bool) -> list[dict]:
     return regs + dots
 
 
-def sweep(results: list, dtypes: list[str], budget_s: float) -> None:
-    """For each dtype, M in (1, 4, 8) and shape, graph-time every config; print the best per (shape, M) and what
-    a decode step's linears would take with the best config of each shape instead of the defaults."""
+def sweep(results: list, dtypes: list[str], rows: list[int], budget_s: float) -> dict:
+    """For each dtype, M in `rows` and shape, graph-time every config (and, in bf16, cuBLAS); print the best per
+    (shape, M) and what a decode step's linears would take with the best call of each shape instead of the
+    defaults. Returns the best call per (dtype, M, shape) for `decode_step`."""
     deadline = time.monotonic() + budget_s
+    best_calls: dict = {}
     for dtype in dtypes:
         fp8 = dtype == "fp8"
-        for M in (1, 4, 8):
-            step_default = step_best = 0.0
+        for M in rows:
+            step_default = step_best = step_cublas = 0.0
             for name, (N, K, act) in SHAPES.items():
                 if (fp8 and name == "lm_head") or name == "gate_up_proj":  # the step runs gate_up fused
                     continue
@@ -227,8 +255,11 @@ def sweep(results: list, dtypes: list[str], budget_s: float) -> None:
                 x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
                 ref = linear_small_m_reference(x, sets[0][0], weight_scale_inv=sets[0][1], activation=act)
                 default_t = graph_us(skinny_fn(act), x, sets)
-                best_t, best_cfg = default_t, "default"
-                for cfg in sweep_grid(M, fp8, act is not None):
+                best_t, best_cfg, best_calls[(dtype, M, name)] = default_t, "default", skinny_fn(act)
+                cublas_t = None if fp8 else graph_us(cublas_fn(act), x, sets)
+                if cublas_t is not None and cublas_t < best_t:
+                    best_t, best_cfg, best_calls[(dtype, M, name)] = cublas_t, "cuBLAS", cublas_fn(act)
+                for cfg in sweep_grid(M, N // (2 if act else 1), K, fp8, act is not None):
                     row = {"sweep": True, "dtype": dtype, "shape": name, "M": M, "config": cfg,
                            "default_graph_us": default_t}
                     try:
@@ -238,16 +269,20 @@ def sweep(results: list, dtypes: list[str], budget_s: float) -> None:
                         row["graph_us"], row["error"] = None, str(e).splitlines()[0][:160]
                     results.append(row)
                     if row["graph_us"] is not None and row["graph_us"] < best_t:
-                        best_t, best_cfg = row["graph_us"], cfg
+                        best_t, best_cfg, best_calls[(dtype, M, name)] = row["graph_us"], cfg, skinny_fn(act, **cfg)
                 weight = 1 if name == "lm_head" else LAYERS
                 step_default, step_best = step_default + weight * default_t, step_best + weight * best_t
+                step_cublas += weight * (cublas_t or 0.0)
+                vs = "" if cublas_t is None else f"; cuBLAS {cublas_t:.1f} us"
                 print(f"best {dtype} {name:13s} M={M}: {best_t:8.1f} us ({100 * floor_us(M, N, K, fp8, act) / best_t:.0f}%"
-                      f" of floor; default {default_t:.1f} us)  {best_cfg}", flush=True)
+                      f" of floor; default {default_t:.1f} us{vs})  {best_cfg}", flush=True)
                 del sets
                 torch.cuda.empty_cache()
             lm = "" if not fp8 else " (lm_head not included)"
+            vs = "" if fp8 else f", cuBLAS {step_cublas / 1e3:.3f} ms"
             print(f"  {dtype} M={M} step linears{lm}: defaults {step_default / 1e3:.3f} ms, best per shape "
-                  f"{step_best / 1e3:.3f} ms", flush=True)
+                  f"{step_best / 1e3:.3f} ms{vs}", flush=True)
+    return best_calls
 
 
 def main() -> None:
@@ -257,17 +292,18 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="tables and sweep for bf16 weights only")
     parser.add_argument("--sweep-s", type=float, default=120.0, help="time budget of the sweep, seconds")
     parser.add_argument("--no-step", action="store_true", help="skip the decode-step graph")
+    parser.add_argument("--rows", default="1,4,8", help="comma list of M (rows of x) to time, at most gemv.MAX_ROWS")
     args = parser.parse_args()
+    rows = [int(m) for m in args.rows.split(",")]
     dtypes = [d for d, on in (("bf16", args.bf16), ("fp8", args.fp8)) if on] or ["bf16", "fp8"]
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     results: list[dict] = []
     step: dict = {}
-    bench_table(results, dtypes)
+    bench_table(results, dtypes, rows)
+    best = sweep(results, dtypes, rows, args.sweep_s) if args.sweep else {}
     if not args.no_step:
-        decode_step(step)
-    if args.sweep:
-        sweep(results, dtypes, args.sweep_s)
+        decode_step(step, dtypes, rows, best)
     out_dir = os.environ.get("OUT")
     if out_dir:
         with open(os.path.join(out_dir, "gemv.json"), "w") as f:

@@ -54,7 +54,9 @@ from stepserve.layers.quant import FP8_DTYPE, dequantize_fp8_blockwise
 # 6.61 with the fused SiLU) and cuBLAS's block-scaled fp8 GEMM (3.73 ms at 16 rows vs 5.2) beat the
 # tensor-core path, which stays for the benchmarks' comparisons.
 SMALL_M_MAX = 1
-MAX_ROWS = 64  # what the tensor-core path accepts at all (benchmarks/fp8.py tries it above SMALL_M_MAX)
+# What the tensor-core path accepts at all: benchmarks/fp8.py tries it above SMALL_M_MAX, and benchmarks/gemv.py
+# --rows compares it with cuBLAS up to a full decode batch (128 rows: a 128-row x tile per pipeline stage).
+MAX_ROWS = 128
 FUSED_ACTIVATIONS = (None, "silu_and_mul")
 # fp8 register-path configs that beat the rule at M = 1 on the H100, by (N, K) of Step3-VL-10B's decoder
 # (benchmarks/gemv.py --sweep --fp8: qkv 11.2 -> 9.3 us, o_proj 6.9 -> 6.5, down 18.6 -> 17.6; a step's fp8
