@@ -12,7 +12,7 @@ contexts of ~1.5k-2.5k) against their floors and the torch paths they replace.
 Floors use the measured ceilings of docs/performance (3.0 TB/s copy, 782 TFLOP/s bf16): bytes are each
 input read once and each output written once. "cold" times are triton.testing.do_bench medians (L2 flushed
 before each call); "graph" times replay a CUDA graph of many calls over rotating input sets (> 4 x L2), as a
-decode step's graph runs them; --mixed and --fresh sum the profiler's kernel times (paths of eager steps, whose
+decode step's graph runs them; --mixed and --fresh sum the profiler's kernel times, PDL off (paths of eager steps, whose
 event timings would measure the host). Every variant is checked against the default before it is timed. Kernels launch
 with PDL where the device has it (stepserve.kernels.pdl), as the server runs them; STEPSERVE_PDL=0 turns it off.
 """
@@ -52,16 +52,18 @@ def cold_us(fn) -> float:
 
 def kernel_us(fn, calls: int = 10) -> float:
     """GPU kernel time per call of fn: the profiler's sum over its kernels (what a GPU-bound step pays for it
-    whatever the host's launch speed; for paths that cannot be captured in a graph)."""
+    whatever the host's launch speed; for paths that cannot be captured in a graph). With PDL off: a kernel
+    launched with PDL starts early and its duration would include its wait for the one before it."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
+    with pdl_setting(False):
+        fn()
         torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
     return sum(e.device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA) / calls
 
 

@@ -41,12 +41,14 @@ from stepserve.layers.attention import ForwardContext
 _LOG2E = 1.4426950408889634
 # A mixed step (prefill chunks after ~100 decodes at high load) attends its decodes with the decode kernel from
 # this many on: the extend kernel gives each decode a whole query tile of its own. H100, a 1439-token prefill after
-# 95 decodes, per layer: 513 us in one extend launch against 383 apart (bf16 cache), 579 against 337 (fp8);
-# `benchmarks/kernels.py --mixed`.
+# 95 decodes at kv 1900, per layer (`benchmarks/kernels.py --mixed`): 513 us in one extend launch against 383 apart
+# in session 10 (bf16 cache; fp8 579 / 337). Session 20, as GPU kernel time: 341 / 365 us (bf16), 324 / 320 (fp8),
+# and 345 apart when the prompt is fresh (its dense path, below, needs the decodes apart): a wash, kept.
 MIN_MIXED_DECODES = 32
 # Fresh prompts from this many tokens take torch's dense causal SDPA (cuDNN on the H100) instead of the extend
-# kernel. H100, Qwen3-8B heads, per layer: 1439 tokens 54 us against 91, 8192 tokens 1.01 ms against 1.79
-# (docs/benchmarks.md, session 20).
+# kernel. H100, Qwen3-8B heads, per layer with the rotary-and-store kernel, GPU kernel time
+# (`benchmarks/kernels.py --fresh`): 256 tokens 15.5 us against 15.7, 512 22.6 against 26.0, 1439 81 against 102,
+# 8192 1.09 ms against 1.91; eight 200-token prompts 105 us against 55 (one SDPA call per sequence).
 DENSE_MIN_TOKENS = 512
 
 
