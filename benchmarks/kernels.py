@@ -6,14 +6,13 @@ contexts of ~1.5k-2.5k) against their floors and the torch paths they replace.
     python benchmarks/kernels.py --fusions  # only the fused norm + rope + KV store vs the kernels it replaces
     python benchmarks/kernels.py --pdl-chain  # only the batch-1 decode chain with PDL off vs on
     python benchmarks/kernels.py --mixed      # only a mixed step's attention: its decodes split off or not
-    python benchmarks/kernels.py --fresh      # only fresh prompts' attention: the extend kernel or dense SDPA
     python benchmarks/kernels.py --extend     # only the extend kernel's launch configs on the seed's prefill shapes
 
 Floors use the measured ceilings of docs/performance (3.0 TB/s copy, 782 TFLOP/s bf16): bytes are each
 input read once and each output written once. "cold" times are triton.testing.do_bench medians (L2 flushed
 before each call); "graph" times replay a CUDA graph of many calls over rotating input sets (> 4 x L2), as a
-decode step's graph runs them; --mixed and --fresh sum the profiler's kernel times, PDL off (paths of eager steps, whose
-event timings would measure the host). Every variant is checked against the default before it is timed. Kernels launch
+decode step's graph runs them; --mixed sums the profiler's kernel times (`kernel_us`). Every variant is checked
+against the default before it is timed. Kernels launch
 with PDL where the device has it (stepserve.kernels.pdl), as the server runs them; STEPSERVE_PDL=0 turns it off.
 """
 
@@ -51,9 +50,9 @@ def cold_us(fn) -> float:
 
 
 def kernel_us(fn, calls: int = 10) -> float:
-    """GPU kernel time per call of fn: the profiler's sum over its kernels (what a GPU-bound step pays for it
-    whatever the host's launch speed; for paths that cannot be captured in a graph). With PDL off: a kernel
-    launched with PDL starts early and its duration would include its wait for the one before it."""
+    """GPU kernel time per call of fn: the profiler's sum over its kernels, with PDL off (a kernel launched with
+    PDL starts early, and its duration would include its wait for the one before). For eager paths, whose event
+    timings measure the host's launches once a call's GPU work is short."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -321,62 +320,36 @@ def bench_pdl_chain(results):
                      "PDL on", us[True])
 
 
-def bench_attend_paths(results, label, cases, kv_dtypes, setting, variants):
-    """Cases (q_lens, kv_lens) through `qk_norm_rope_attend` (norm, rotation, store, attention) under each
-    variant: a value of the module setting `setting` of stepserve.kernels.paged_attention. The first variant is
-    the baseline; the last is checked against it, and both are timed side by side in GPU kernel time
-    (`kernel_us`: the steps these serve are GPU-bound, and eager timings of a few hundred tokens measure the host's
-    launches)."""
+def bench_mixed(results):
+    """A mixed step of the seed's throughput run (one 1439-token prefill after 95 decodes at kv 1900) through
+    `qk_norm_rope_attend` (norm, rotation, store, attention), its decodes through the extend kernel with the
+    prefill (as before MIN_MIXED_DECODES) or split off to the decode kernel, bf16 and fp8 caches."""
     # The module (the package re-exports its function `paged_attention` under the same name).
     paged_attention = importlib.import_module("stepserve.kernels.paged_attention")
-    cos_sin = rope_ref.rotary_cos_sin_cache(D, 40960, 1e6, device=DEV)
-    for (q_lens, kv_lens), kv_dtype in itertools.product(cases, kv_dtypes):
+    q_lens, kv_lens = [1] * 95 + [1439], [1900] * 95 + [1439]
+    T = sum(q_lens)
+    for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
         _, kv_cache, (ctx,) = paged_sets(q_lens, kv_lens, 16, 1, kv_dtype)
-        T = sum(q_lens)
         qkv = torch.randn(T, (HQ + 2 * HKV) * D, device=DEV, dtype=torch.bfloat16)
-        positions = torch.tensor([p for n, kv in zip(q_lens, kv_lens) for p in range(kv - n, kv)], device=DEV)
+        q, k, v = (t.view(T, -1, D) for t in qkv.split([HQ * D, HKV * D, HKV * D], dim=-1))
+        positions = torch.tensor([1899] * 95 + list(range(1439)), device=DEV)
+        cos_sin = rope_ref.rotary_cos_sin_cache(D, 40960, 1e6, device=DEV)
         qw, kw = torch.randn(2, D, device=DEV, dtype=torch.bfloat16)
-
-        def run():
-            # The kernels rotate q (and k, for the dense path) in place: every call starts from a copy of the same
-            # fused qkv rows (~12 us at 1439 tokens, in every timing), strided views of it as the model passes.
-            q, k, v = (t.view(T, -1, D) for t in qkv.clone().split([HQ * D, HKV * D, HKV * D], dim=-1))
-            return paged_attention.qk_norm_rope_attend(q, k, v, qw, kw, 1e-6, positions, cos_sin, kv_cache, ctx, SCALE)
-
+        # The kernels rotate q in place: every call starts from a copy of the same q (~8 us in both timings).
+        run = lambda: paged_attention.qk_norm_rope_attend(q.clone(), k, v, qw, kw, 1e-6, positions, cos_sin,  # noqa: E731
+                                                          kv_cache, ctx, SCALE)
         us, outs = {}, {}
-        for name, value in variants.items():
-            saved = getattr(paged_attention, setting)
-            setattr(paged_attention, setting, value)
+        for split, threshold in (("one extend", 10**9), ("decodes split off", paged_attention.MIN_MIXED_DECODES)):
+            saved, paged_attention.MIN_MIXED_DECODES = paged_attention.MIN_MIXED_DECODES, threshold
             try:
-                outs[name] = run()
-                us[name] = kernel_us(run)
+                outs[split] = run()
+                us[split] = kernel_us(run)
             finally:
-                setattr(paged_attention, setting, saved)
-        (base, base_us), (new, new_us) = list(us.items())[0], list(us.items())[-1]
-        err = rel_err(outs[new], outs[base])
+                paged_attention.MIN_MIXED_DECODES = saved
+        err = rel_err(outs["decodes split off"], outs["one extend"])
         assert err < 1e-2, err
-        decodes = sum(1 for n in q_lens if n == 1)
-        shape = "+".join(f"{n}" for n in q_lens if n > 1) + (f" + {decodes} decodes kv{kv_lens[0]}" if decodes else "")
-        side_by_side(results, label, f"{shape} {str(kv_dtype)[6:]}", base, base_us, new, new_us)
-
-
-def bench_mixed(results):
-    """A mixed step of the seed's throughput run (one 1439-token prefill after 95 decodes at kv 1900), its decodes
-    through the extend kernel with the prefill (as before MIN_MIXED_DECODES) or split off to the decode kernel,
-    bf16 and fp8 caches. The prefill has a cached prefix of one token, so that it stays on the extend kernel."""
-    bench_attend_paths(results, "mixed step", [([1] * 95 + [1439], [1900] * 95 + [1440])],
-                       (torch.bfloat16, torch.float8_e4m3fn), "MIN_MIXED_DECODES",
-                       {"one extend": 10**9, "split": 32})
-
-
-def bench_fresh(results):
-    """Fresh prompts through the extend kernel or the dense causal SDPA (DENSE_MIN_TOKENS), alone and after a
-    mixed step's decodes: where the dense path starts to pay."""
-    cases = [([n], [n]) for n in (128, 256, 384, 512, 768, 1024, 1439, 8192)]
-    cases += [([1439] * 2, [1439] * 2), ([200] * 8, [200] * 8), ([2048] * 4, [2048] * 4),
-              ([1] * 95 + [1439], [1900] * 95 + [1439])]
-    bench_attend_paths(results, "fresh prompt", cases, (torch.bfloat16,), "DENSE_MIN_TOKENS",
-                       {"extend": 10**9, "dense": 1})
+        side_by_side(results, "mixed step", f"1x1439 + 95 decodes kv1900 {str(kv_dtype)[6:]}", "one extend",
+                     us["one extend"], "split", us["decodes split off"])
 
 
 # The seed's prefill shapes (q_lens, kv_lens): the extend kernel's launch configs are chosen on these.
@@ -404,13 +377,12 @@ def main() -> None:
     parser.add_argument("--pdl-chain", action="store_true", help="only the b1 decode kernel chain, PDL off vs on")
     parser.add_argument("--mixed", action="store_true", help="only a mixed step's attention, split or not")
     parser.add_argument("--extend", action="store_true", help="only the extend kernel's launch configs")
-    parser.add_argument("--fresh", action="store_true", help="only fresh prompts' attention, extend or dense SDPA")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     results: list[dict] = []
-    if args.mixed or args.extend or args.fresh:
-        (bench_mixed if args.mixed else bench_fresh if args.fresh else bench_extend_configs)(results)
+    if args.mixed or args.extend:
+        (bench_mixed if args.mixed else bench_extend_configs)(results)
         write_json(results)
         return
     print("CUDA-graph replay, per layer:")

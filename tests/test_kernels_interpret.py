@@ -347,68 +347,6 @@ def test_qk_norm_rope_attend_extend_path(kern, decodes):
     _assert_close(kv_cache, cache_ref)
 
 
-@pytest.mark.parametrize("decodes", [0, 33])
-def test_qk_norm_rope_attend_dense_path(kern, monkeypatch, decodes):
-    """Fresh prompts of DENSE_MIN_TOKENS or more (after any leading decodes) attend through dense causal SDPA
-    over the step's own rotated keys, never the extend kernel, and equal the layer's reference, output and
-    cache; a prompt with a cached prefix, a shorter one or an fp8 cache keep the extend kernel."""
-    from stepserve.layers import attention
-
-    pa = kern.paged_attention
-    monkeypatch.setattr(pa, "DENSE_MIN_TOKENS", 5)
-    hq, hkv, d = 4, 2, 32
-    g = torch.Generator().manual_seed(decodes)
-    dec_kv = torch.randint(1, 40, (decodes,), generator=g).tolist()
-    q_lens, kv_lens = [1] * decodes + [7, 5], dec_kv + [7, 5]
-    q, kv_cache, ctx = _paged_case(q_lens, kv_lens, num_heads=hq, num_kv_heads=hkv, head_dim=d)
-    assert pa._dense_prefill(q, kv_cache, ctx, decodes)
-    for new, cached, cache_dtype in (([7, 5], [7, 9], torch.float16), ([7, 4], [7, 4], torch.float16),
-                                     ([7, 5], [7, 5], torch.float8_e4m3fn)):
-        _, other_cache, other = _paged_case([1] * decodes + new, dec_kv + cached, kv_dtype=cache_dtype)
-        assert not pa._dense_prefill(q, other_cache, other, decodes), (new, cached, cache_dtype)
-    T = sum(q_lens)
-    qkv = torch.randn(T, (hq + 2 * hkv) * d, dtype=torch.float16, generator=g)
-    q, k, v = (t.view(T, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
-    cos_sin = rope_ref.rotary_cos_sin_cache(d, 64, 10000.0)
-    positions = torch.tensor([n - 1 for n in dec_kv] + list(range(7)) + list(range(5)))
-    qw, kw = torch.randn(d, dtype=torch.float16), torch.randn(d, dtype=torch.float16)
-    cache_ref = kv_cache.clone()
-    ref = attention.qk_norm_rope_attend.reference(q.clone(), k.clone(), v, qw, kw, 1e-6, positions, cos_sin,
-                                                  cache_ref, ctx, 0.3)
-
-    def no_extend(*args, **kwargs):
-        raise AssertionError("fresh prompts took the extend kernel")
-
-    monkeypatch.setattr(pa, "extend_attention", no_extend)
-    out = pa.qk_norm_rope_attend(q, k, v, qw, kw, 1e-6, positions, cos_sin, kv_cache, ctx, 0.3)
-    assert _rel_err(out, ref) < 2e-3
-    assert _rel_err(out[decodes:], ref[decodes:]) < 2e-3
-    _assert_close(kv_cache, cache_ref)
-
-
-def test_qk_norm_rope_store_kv_keep_k(kern):
-    """keep_k: the rotated k is written back in place as well as to the cache (v stays as it was)."""
-    from stepserve.layers import attention
-
-    hq, hkv, d, page_size = 4, 2, 32, 4
-    ctx = build_context([6], [6], [[2, 0]], page_size)
-    qkv = torch.randn(6, (hq + 2 * hkv) * d, dtype=torch.float16)
-    q, k, v = (t.view(6, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
-    v_before = v.clone()
-    cos_sin = rope_ref.rotary_cos_sin_cache(d, 64, 10000.0)
-    positions = torch.arange(6)
-    qw, kw = torch.randn(d, dtype=torch.float16), torch.randn(d, dtype=torch.float16)
-    cache, cache_ref = torch.zeros(2, 3, page_size, hkv, d, dtype=torch.float16), torch.zeros(2, 3, page_size, hkv, d,
-                                                                                          dtype=torch.float16)
-    q_ref, k_ref = rope_ref.qk_norm_rope.reference(q.clone(), k.clone(), qw, kw, 1e-6, positions, cos_sin)
-    attention.store_kv(cache_ref, k_ref, v, ctx.slot_mapping)
-    kern.rotary.qk_norm_rope_store_kv(q, k, v, qw, kw, 1e-6, positions, cos_sin, cache, ctx.slot_mapping, keep_k=True)
-    _assert_close(q, q_ref)
-    _assert_close(k, k_ref)
-    assert torch.equal(v, v_before)
-    _assert_close(cache, cache_ref)
-
-
 def test_silu_and_mul(kern):
     x = torch.randn(3, 2 * 2 * 40, dtype=torch.float16)[:, : 2 * 40] * 3  # strided rows, I not a power of 2
     _assert_close(kern.activation.silu_and_mul(x), act_ref.silu_and_mul.reference(x))

@@ -17,11 +17,7 @@ block of cached K/V) loads before the PDL wait. For Qwen3 the decode kernel also
 rotation of q and k and the store of the new K/V (`qk_norm_rope_attend`): no rotary kernel runs between the
 qkv projection and attention. On Hopper every kernel here launches with PDL (`stepserve.kernels.pdl`), so
 the reduce kernel's launch overlaps the split kernel's tail.
-
-Fresh prompts (no cached prefix) of DENSE_MIN_TOKENS or more attend through torch's dense causal SDPA over the
-step's own K/V instead of the extend kernel: the K/V the cache holds for them are exactly those rows.
 """
-
 
 from __future__ import annotations
 
@@ -30,7 +26,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -41,15 +36,10 @@ from stepserve.layers.attention import ForwardContext
 _LOG2E = 1.4426950408889634
 # A mixed step (prefill chunks after ~100 decodes at high load) attends its decodes with the decode kernel from
 # this many on: the extend kernel gives each decode a whole query tile of its own. H100, a 1439-token prefill after
-# 95 decodes at kv 1900, per layer (`benchmarks/kernels.py --mixed`): 513 us in one extend launch against 383 apart
-# in session 10 (bf16 cache; fp8 579 / 337). Session 20, as GPU kernel time: 341 / 365 us (bf16), 324 / 320 (fp8),
-# and 345 apart when the prompt is fresh (its dense path, below, needs the decodes apart): a wash, kept.
+# 95 decodes, per layer: 513 us in one extend launch against 383 apart (bf16 cache), 579 against 337 (fp8);
+# `benchmarks/kernels.py --mixed` in session 10, cold event timings. Its GPU kernel time in session 20 (PDL off):
+# 341 against 365 us (bf16), 324 against 320 (fp8), no longer a gain; left as it is (docs/benchmarks.md).
 MIN_MIXED_DECODES = 32
-# Fresh prompts from this many tokens take torch's dense causal SDPA (cuDNN on the H100) instead of the extend
-# kernel. H100, Qwen3-8B heads, per layer with the rotary-and-store kernel, GPU kernel time
-# (`benchmarks/kernels.py --fresh`): 256 tokens 15.5 us against 15.7, 512 22.6 against 26.0, 1439 81 against 102,
-# 8192 1.09 ms against 1.91; eight 200-token prompts 105 us against 55 (one SDPA call per sequence).
-DENSE_MIN_TOKENS = 512
 
 
 @triton.jit
@@ -475,35 +465,8 @@ def qk_norm_rope_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_wei
     if d:  # a mixed step's decodes as a decode step (one split each: the build a large decode graph uses)
         decode_attention(q[:d], kv_cache, decodes, scale, num_splits=1, out=out[:d],
                          step_kv=StepKV(k[:d], v[:d], q_weight, k_weight, eps, positions[:d], cos_sin_cache))
-    dense = _dense_prefill(q, kv_cache, ctx, d)
     rest = qk_norm_rope_store_kv(q[d:], k[d:], v[d:], q_weight, k_weight, eps, positions[d:], cos_sin_cache,
-                                 kv_cache, ctx.slot_mapping[d:], ctx.kv_scale, keep_k=dense)
-    if dense:
-        dense_causal_attention(rest, k[d:], v[d:], ctx.q_lens_cpu[d:], scale, out[d:])
-    else:
-        extend_attention(rest, kv_cache, ctx, scale, first_seq=d, out=out[d:])
-    return out
-
-
-def _dense_prefill(q: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext, first_seq: int) -> bool:
-    """Whether the sequences from first_seq on are fresh prompts that `dense_causal_attention` may take: none has
-    cached keys, each has DENSE_MIN_TOKENS or more, the cache holds K/V unscaled in q's dtype (so the step's own
-    rows are what the extend kernel would read), and no CUDA graph is being captured (the calls follow the host's
-    sequence lengths)."""
-    q_lens, kv_lens = ctx.q_lens_cpu[first_seq:], ctx.kv_lens_cpu[first_seq:]
-    return (bool(q_lens) and q_lens == kv_lens and min(q_lens) >= DENSE_MIN_TOKENS and kv_cache.dtype == q.dtype
-            and ctx.kv_scale == 1.0 and not (q.is_cuda and torch.cuda.is_current_stream_capturing()))
-
-
-def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens: list[int], scale: float,
-                           out: torch.Tensor) -> torch.Tensor:
-    """Causal self-attention of sequences laid end to end: q [T, Hq, D], k and v [T, Hkv, D] (any row strides,
-    contiguous last dim), each sequence attending to its own keys only; written to out [T, Hq, D]."""
-    start = 0
-    for n in q_lens:
-        q_s, k_s, v_s = (x[start : start + n].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-        o = F.scaled_dot_product_attention(q_s, k_s, v_s, is_causal=True, scale=scale, enable_gqa=True)
-        out[start : start + n] = o[0].transpose(0, 1)
-        start += n
+                                 kv_cache, ctx.slot_mapping[d:], ctx.kv_scale)
+    extend_attention(rest, kv_cache, ctx, scale, first_seq=d, out=out[d:])
     return out
 

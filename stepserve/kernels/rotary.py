@@ -4,8 +4,7 @@
 `qk_norm_rope` matches `rms_norm` (over head_dim, `stepserve.layers.norm`) followed by it; both work IN PLACE
 on q and k, which may be strided views (e.g. slices of a fused qkv output) with a contiguous last dim.
 `qk_norm_rope_store_kv` matches `stepserve.layers.attention.qk_norm_rope_store_kv`: q is normalized and
-rotated in place, the rotated k and v go straight to their cache slots (k and v themselves are only read,
-unless `keep_k` asks for the rotated k in place too, for attention that reads the step's own keys).
+rotated in place, the rotated k and v go straight to their cache slots (k and v themselves are only read).
 One program per token handles all of its heads, so the token's cos/sin row and cache slot are read once.
 """
 
@@ -62,8 +61,8 @@ def _rope_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_ptr, eps,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
                  cache_ptr, slot_ptr, kv_scale, fp8_max, stride_kv, stride_page, stride_slot, stride_ch,
                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
-                 NORM: tl.constexpr, STORE: tl.constexpr, KEEP_K: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                 SATURATE: tl.constexpr, USE_PDL: tl.constexpr):
+                 NORM: tl.constexpr, STORE: tl.constexpr, PAGE_SIZE: tl.constexpr, SATURATE: tl.constexpr,
+                 USE_PDL: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     half_dims = tl.arange(0, BLOCK_HALF)
     half_ok = half_dims < HALF
@@ -98,7 +97,7 @@ def _rope_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_ptr, eps,
         v2 = tl.load(v_lo + HALF, mask=kv_ok, other=0.0)
         tl.store(dst + stride_kv, _to_cache(v1, kv_scale, dtype, fp8_max, SATURATE), mask=kv_ok)
         tl.store(dst + stride_kv + HALF, _to_cache(v2, kv_scale, dtype, fp8_max, SATURATE), mask=kv_ok)
-    if KEEP_K or not STORE:
+    else:
         tl.store(k_lo, k1, mask=kv_ok)
         tl.store(k_lo + HALF, k2, mask=kv_ok)
 
@@ -106,7 +105,7 @@ def _rope_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_ptr, eps,
 def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
             q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
             v: torch.Tensor | None = None, kv_cache: torch.Tensor | None = None,
-            slot_mapping: torch.Tensor | None = None, kv_scale: float = 1.0, keep_k: bool = False) -> None:
+            slot_mapping: torch.Tensor | None = None, kv_scale: float = 1.0) -> None:
     T, num_q_heads, head_dim = q.shape
     assert k.shape[0] == T and k.shape[2] == head_dim and positions.shape == (T,), (q.shape, k.shape)
     assert head_dim % 2 == 0 and cos_sin_cache.shape[-1] == head_dim, (head_dim, cos_sin_cache.shape)
@@ -134,7 +133,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_c
         num_q_heads, k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos_sin_cache.stride(0), *cache_args,
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_QH=triton.next_power_of_2(num_q_heads),
-        BLOCK_KH=triton.next_power_of_2(k.shape[1]), NORM=norm, STORE=store, KEEP_K=keep_k, PAGE_SIZE=page_size,
+        BLOCK_KH=triton.next_power_of_2(k.shape[1]), NORM=norm, STORE=store, PAGE_SIZE=page_size,
         SATURATE=saturate, USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
 
 
@@ -160,11 +159,9 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
 
 def qk_norm_rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
                           k_weight: torch.Tensor, eps: float, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-                          kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scale: float = 1.0,
-                          keep_k: bool = False) -> torch.Tensor:
+                          kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scale: float = 1.0) -> torch.Tensor:
     """`qk_norm_rope` of q (in place) and k, with the rotated k and v [T, Hkv, D] written to `slot_mapping`
-    of kv_cache [2, pages, page_size, Hkv, D] (an fp8 cache stores value / kv_scale, saturated); returns q.
-    keep_k: k is rotated in place as well (by default it is only read)."""
+    of kv_cache [2, pages, page_size, Hkv, D] (an fp8 cache stores value / kv_scale, saturated); returns q."""
     _check_weights(q, q_weight, k_weight)
-    _launch(q, k, positions, cos_sin_cache, q_weight, k_weight, eps, v, kv_cache, slot_mapping, kv_scale, keep_k)
+    _launch(q, k, positions, cos_sin_cache, q_weight, k_weight, eps, v, kv_cache, slot_mapping, kv_scale)
     return q

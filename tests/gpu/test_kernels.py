@@ -209,30 +209,6 @@ def test_mixed_steps_split_decodes_without_new_builds(kv_dtype, kv_scale):
     assert builds == []
 
 
-@pytest.mark.parametrize("decodes,prompts", [(0, [8192]), (0, [1437, 512]), (96, [1437, 600])])
-def test_fresh_prompts_attend_through_dense_sdpa(decodes, prompts):
-    """Fresh prompts of DENSE_MIN_TOKENS or more (alone, or after a mixed step's decodes) take the dense causal
-    SDPA over the step's own rotated keys (`_dense_prefill`), against the reference: output and cache."""
-    from stepserve.kernels.paged_attention import _dense_prefill, qk_norm_rope_attend
-
-    dec_kv = torch.randint(100, 2500, (decodes,)).tolist()
-    q_lens, kv_lens = [1] * decodes + prompts, dec_kv + prompts
-    _, kv_cache, ctx = _paged_case(q_lens, kv_lens, 16)
-    T = sum(q_lens)
-    qkv, q, k, positions, cos_sin = _qk(T)
-    v = qkv[:, (HQ + HKV) * D:].view(T, HKV, D)
-    positions.copy_(torch.tensor([n - 1 for n in dec_kv] + [p for n in prompts for p in range(n)], device=DEV))
-    qw, kw = torch.randn(2, D, device=DEV, dtype=torch.bfloat16)
-    assert _dense_prefill(q, kv_cache, ctx, decodes)
-    cache_ref = kv_cache.clone()
-    ref = attention.qk_norm_rope_attend.reference(q.clone(), k.clone(), v, qw, kw, 1e-6, positions, cos_sin,
-                                                  cache_ref, ctx, SCALE)
-    out = qk_norm_rope_attend(q, k, v, qw, kw, 1e-6, positions, cos_sin, kv_cache, ctx, SCALE)
-    assert _rel_err(out, ref) < 1e-2
-    assert _rel_err(out[decodes:], ref[decodes:]) < 1e-2
-    _assert_bf16_close(kv_cache, cache_ref, atol=2 ** -6)
-
-
 def test_attention_strided_q_from_fused_qkv():
     q_lens, kv_lens = [5, 300], [50, 300]
     q, kv_cache, ctx = _paged_case(q_lens, kv_lens, 16)
