@@ -38,7 +38,7 @@ _LOG2E = 1.4426950408889634
 # this many on: the extend kernel gives each decode a whole query tile of its own. H100, a 1439-token prefill after
 # 95 decodes, per layer: 513 us in one extend launch against 383 apart (bf16 cache), 579 against 337 (fp8);
 # `benchmarks/kernels.py --mixed` in session 10, cold event timings. Its GPU kernel time in session 20 (PDL off):
-# 341 against 365 us (bf16), 324 against 320 (fp8), no longer a gain; left as it is (docs/benchmarks.md).
+# 347 against 369 us (bf16), 332 against 328 (fp8), no longer a gain; left as it is (docs/benchmarks.md).
 MIN_MIXED_DECODES = 32
 
 
