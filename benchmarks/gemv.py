@@ -18,6 +18,7 @@ Every config is checked against the float32 reference before it is timed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -163,12 +164,13 @@ def decode_step(results: dict, dtypes: list[str], rows: list[int], best: dict) -
             for M in rows:
                 x_h, x_i = hidden[:M], inter[:M]
                 dtype = "fp8" if fp8 else "bf16"
-                if v_fp8 is None and not all((dtype, M, name) in best for name in (*STEP, "lm_head")):
-                    continue
-                fns = {name: best[(dtype, M, name)] if v_fp8 is None else
-                       (lambda name: lambda a, ws: call(a, ws, SHAPES[name][2]))(name) for name in STEP}
-                fns["lm_head"] = best.get((dtype, M, "lm_head")) if v_fp8 is None else \
-                    cublas_fn(None) if vname.startswith("cuBLAS") else skinny_fn(None)
+                if v_fp8 is None:  # the sweep's best calls, where it timed every shape of the step
+                    if not all((dtype, M, name) in best for name in (*STEP, "lm_head")):
+                        continue
+                    fns = {name: best[(dtype, M, name)] for name in (*STEP, "lm_head")}
+                else:
+                    fns = {name: functools.partial(call, act=SHAPES[name][2]) for name in STEP}
+                    fns["lm_head"] = cublas_fn(None) if vname.startswith("cuBLAS") else skinny_fn(None)
 
                 def step():
                     for layer in layers:
@@ -186,7 +188,7 @@ def decode_step(results: dict, dtypes: list[str], rows: list[int], best: dict) -
                 results[f"{vname} M{M}"] = {"ms": ms, "floor_ms": floor_ms, "floor_frac": floor_ms / ms}
                 print(f"  {vname:28s} M={M}: {ms:6.3f} ms (floor {floor_ms:.3f} ms, {100 * floor_ms / ms:.0f}%)",
                       flush=True)
-        del layers
+        layers = None  # free this dtype's weights before the next dtype's
         torch.cuda.empty_cache()
 
 
@@ -194,13 +196,14 @@ def wide_grid(N: int, K: int, silu: bool) -> list[dict]:
     """Tensor-core configs for a decode batch (M > 8, x padded to up to 128 rows): x's tile is re-read from L2 by
     every program, so each program takes 64-256 rows of W, and split-K brings the programs to ~100-400."""
     halves = 2 if silu else 1
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     out = []
     for rows, block_k, stages, warps in ((64, 64, 4, 4), (64, 64, 6, 4), (64, 128, 3, 4), (128, 64, 4, 4),
                                           (128, 64, 4, 8), (128, 64, 5, 8), (128, 64, 6, 8), (128, 128, 3, 8),
                                           (256, 64, 3, 8)):
         tiles, k_steps = N // (rows // halves), K // block_k
         splits = {s for s in (1, 2, 3, 4, 6, 8, 12) if s <= k_steps and 96 <= tiles * s <= 400}
-        for split in sorted(splits | ({1} if tiles >= torch.cuda.get_device_properties(0).multi_processor_count else set())):
+        for split in sorted(splits | ({1} if tiles >= sms else set())):
             out.append(dict(use_dot=True, block_n=rows // halves, block_k=block_k, num_stages=stages,
                             num_warps=warps, split_k=split))
     return out
