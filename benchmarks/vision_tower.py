@@ -133,6 +133,7 @@ def build_model(quantize_vision: bool = False):
     with torch.device("cuda"):
         model = Step3VL10BForCausalLM(config, torch.bfloat16, quant).eval()
     init_dummy_weights(model)
+    model.vision_model.fold_layer_scales()
     return model, config
 
 

@@ -220,6 +220,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str, device: torch.de
         init_dummy_weights(model, seed)
     else:
         load_safetensors(model, model_dir)
+    vision = getattr(model, "vision_model", None)
+    if vision is not None:
+        vision.fold_layer_scales()  # weights prepared for the tower's fused residual adds
     n_params = sum(p.numel() for p in model.parameters())
     log.info("loaded %s (%.2f B params, %s, %s, %s weights) in %.1f s", model_dir, n_params / 1e9, dtype,
              device, "dummy" if load_format == "dummy" else "checkpoint", time.perf_counter() - start)

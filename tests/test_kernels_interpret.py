@@ -372,15 +372,21 @@ def test_linear_gelu(kern, programs, subtile, has_bias):
 
 
 @pytest.mark.parametrize("rows,width", [(7, 48), (3, 1536)])  # several rows per program; one ragged long row
-def test_scaled_add_layer_norm(kern, rows, width):
+@pytest.mark.parametrize("add", [True, False])
+def test_scaled_add_layer_norm_(kern, rows, width, add):
+    """x += gamma * y in place (add; else x untouched: its GEMM added the branch), then the norm of x + shift."""
     g = torch.Generator().manual_seed(4)
     x, y = (torch.randn(rows, width, generator=g) * 3 + 1).to(torch.float16), torch.randn(rows, width, generator=g).half()
     gamma, weight, bias = (torch.randn(width, generator=g).half() for _ in range(3))
-    s, h = kern.layer_norm.scaled_add_layer_norm(x, y, gamma, weight, bias, 1e-5)
-    ref_s, ref_h = norm_ref.scaled_add_layer_norm.reference(x.float(), y.float(), gamma.float(), weight.float(),
-                                                           bias.float(), 1e-5)
-    assert s.dtype == h.dtype == torch.float16
-    assert _rel_err(s, ref_s) < 1e-3 and _rel_err(h, ref_h) < 2e-3
+    shift = torch.randn(width, generator=g)
+    ref_x = x.float()
+    ref_h = norm_ref.scaled_add_layer_norm_.reference(ref_x, y.float() if add else None, gamma.float(), shift,
+                                                      weight.float(), bias.float(), 1e-5)
+    before = x.clone()
+    h = kern.layer_norm.scaled_add_layer_norm_(x, y if add else None, gamma if add else None, shift, weight, bias, 1e-5)
+    assert h.dtype == torch.float16 and x.dtype == torch.float16
+    assert _rel_err(x, ref_x) < 1e-3 and _rel_err(h, ref_h) < 2e-3
+    assert add != torch.equal(x, before)
 
 
 @pytest.mark.parametrize("rows,width", [(7, 48), (5, 1536)])  # ragged 128-column groups; rows padded to 8
@@ -392,10 +398,12 @@ def test_scaled_add_layer_norm_quantized(kern, rows, width):
     g = torch.Generator().manual_seed(5)
     x, y = (torch.randn(rows, width, generator=g) * 3 + 1).half(), torch.randn(rows, width, generator=g).half()
     gamma, weight, bias = (torch.randn(width, generator=g).half() for _ in range(3))
-    s, h = kern.layer_norm.scaled_add_layer_norm(x, y, gamma, weight, bias, 1e-5)
-    s_q, hq = kern.layer_norm.scaled_add_layer_norm(x, y, gamma, weight, bias, 1e-5, quantize=True)
+    shift = torch.randn(width, generator=g)
+    x_q = x.clone()
+    h = kern.layer_norm.scaled_add_layer_norm_(x, y, gamma, shift, weight, bias, 1e-5)
+    hq = kern.layer_norm.scaled_add_layer_norm_(x_q, y, gamma, shift, weight, bias, 1e-5, quantize=True)
     padded, groups = cdiv(rows, ROW_ALIGN) * ROW_ALIGN, cdiv(width, 128)
-    assert torch.equal(s_q, s) and hq.rows == rows and hq.dtype == torch.float16
+    assert torch.equal(x_q, x) and hq.rows == rows and hq.dtype == torch.float16
     assert hq.q.shape == (padded, width) and hq.scales.shape == (padded, groups) and hq.scales.stride() == (1, padded)
     _, ref_scales = quantize_fp8_per_token_group(h.float())
     assert torch.allclose(hq.scales[:rows], ref_scales, rtol=1e-6)
@@ -453,7 +461,7 @@ def test_install_registers_every_layer_function():
                  "qk_norm_rope_store_kv": attention.qk_norm_rope_store_kv,
                  "qk_norm_rope_attend": attention.qk_norm_rope_attend, "silu_and_mul": act_ref.silu_and_mul,
                  "fp8_linear": quant.fp8_linear, "fp8_mlp": quant.fp8_mlp, "linear": linear.linear, "top_p_cut": sampling.top_p_cut,
-                 "scaled_add_layer_norm": norm_ref.scaled_add_layer_norm, "rope2d_qk": rope_ref.rope2d_qk}
+                 "scaled_add_layer_norm_": norm_ref.scaled_add_layer_norm_, "rope2d_qk": rope_ref.rope2d_qk}
     assert set(kernels.LAYER_KERNELS) == set(layer_fns)
     kernels.install_triton_kernels()
     try:

@@ -56,6 +56,8 @@ def test_sharded_checkpoint_round_trips(tiny_model_dir):
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert set(tensors) == set(checkpoint_shapes(config)) == model.checkpoint_names()
     for name, tensor in tensors.items():
+        if ".out_proj." in name or ".c_proj." in name:
+            continue  # the tower's, folded with their layer scales after loading (test_vision checks them)
         assert torch.equal(param_rows(model, name), tensor.float()), name
 
 

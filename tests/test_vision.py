@@ -185,11 +185,12 @@ def test_compiled_blocks_share_one_graph_and_match_eager(model, configured):
         torch.testing.assert_close(g, w, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("projection", ["none", "weight", "weight_and_bias"])
-def test_attention_op_attends_within_each_sequence_and_projects_each_group(projection):
-    """The op's output, without its projection (a quantized out_proj runs after it) or with it (plain weights:
-    each group projected into its rows), against per-sequence softmax attention."""
-    from stepserve.models.perception_encoder import vision_attention
+@pytest.mark.parametrize("added", [False, True])
+def test_attention_ops_attend_within_each_sequence(added):
+    """`vision_attention` (its output, for a quantized out_proj to run after it) and `vision_attention_add_` (each
+    group projected by plain weights straight into its rows of the stream, added to them) against per-sequence
+    softmax attention."""
+    from stepserve.models.perception_encoder import vision_attention, vision_attention_add_
 
     g = torch.Generator().manual_seed(0)
     heads, dim = 2, 8
@@ -200,12 +201,33 @@ def test_attention_op_attends_within_each_sequence_and_projects_each_group(proje
         p = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:e], k[a:e]) * dim ** -0.5, dim=-1)
         rows.append(torch.einsum("hqk,khd->qhd", p, v[a:e]).reshape(e - a, heads * dim))
     want = torch.cat(rows)
-    weight = torch.randn(5, heads * dim, generator=g) if projection != "none" else None
-    bias = torch.randn(5, generator=g) if projection == "weight_and_bias" else None
-    if weight is not None:
-        want = want @ weight.T + (bias if bias is not None else 0)
-    got = vision_attention(q, k, v, groups, None, "math", weight, bias)
+    if added:
+        weight, stream = torch.randn(5, heads * dim, generator=g), torch.randn(18, 5, generator=g)
+        want, got = stream + want @ weight.T, stream.clone()
+        assert vision_attention_add_(q, k, v, groups, None, "math", weight, got) is None
+    else:
+        got = vision_attention(q, k, v, groups, None, "math")
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_folded_layer_scales_hold_the_biases_back(model, weights):
+    """After loading, each out_proj / c_proj holds its layer scale in its rows and a zero bias; the blocks' shifts are
+    the running sums of the biases gamma * b the stream holds back; folding twice is refused."""
+    tower = model.vision_model
+    pre = "vision_model.transformer.resblocks"
+    shift = torch.zeros(tower.cfg.width)
+    for i, block in enumerate(tower.transformer.resblocks):
+        torch.testing.assert_close(block.shift_1, shift)
+        for linear, name, ls in ((block.attn.out_proj, "attn.out_proj", "ls_1"), (block.mlp.c_proj, "mlp.c_proj", "ls_2")):
+            gamma = weights[f"{pre}.{i}.{ls}.gamma"]
+            assert not linear.bias.any()
+            torch.testing.assert_close(linear.weight, gamma[:, None] * weights[f"{pre}.{i}.{name}.weight"])
+            shift = shift + gamma * weights[f"{pre}.{i}.{name}.bias"]
+            if ls == "ls_1":
+                torch.testing.assert_close(block.shift_2, shift)
+    torch.testing.assert_close(tower.shift_out, shift)
+    with pytest.raises(RuntimeError, match="already folded"):
+        tower.fold_layer_scales()
 
 
 def test_auto_attention_takes_flash_attention4_where_it_runs(model, configured, view_and_crop, monkeypatch):
@@ -232,13 +254,13 @@ def test_auto_attention_takes_flash_attention4_where_it_runs(model, configured, 
         configured.attention_backend(cuda, torch.bfloat16)
 
     seen = []
-    op = perception_encoder.vision_attention
+    op = perception_encoder.vision_attention_add_
 
     def spy(q, k, v, groups, cu_seqlens, backend, *rest):
         seen.append((backend, None if cu_seqlens is None else cu_seqlens.tolist()))
         return op(q, k, v, groups, cu_seqlens, backend, *rest)
 
-    monkeypatch.setattr(perception_encoder, "vision_attention", spy)
+    monkeypatch.setattr(perception_encoder, "vision_attention_add_", spy)
     view, crop, want_crop, want_view = view_and_crop
     with torch.inference_mode():
         (got,) = model.encode_images(view, crop, [1])

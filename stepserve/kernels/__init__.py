@@ -11,7 +11,7 @@ from __future__ import annotations
 from stepserve.kernels.activation import silu_and_mul
 from stepserve.kernels.fp8_gemm import fp8_gemm, fp8_mlp
 from stepserve.kernels.gemv import linear
-from stepserve.kernels.layer_norm import scaled_add_layer_norm
+from stepserve.kernels.layer_norm import scaled_add_layer_norm_
 from stepserve.kernels.paged_attention import decode_attention, extend_attention, paged_attention, qk_norm_rope_attend
 from stepserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from stepserve.kernels.rope2d import rope2d_qk
@@ -22,7 +22,7 @@ from stepserve.kernels.top_p import top_p_cut
 LAYER_KERNELS = {
     "rms_norm": rms_norm,
     "fused_add_rms_norm": fused_add_rms_norm,
-    "scaled_add_layer_norm": scaled_add_layer_norm,  # the vision tower's
+    "scaled_add_layer_norm_": scaled_add_layer_norm_,  # the vision tower's
     # In place, unlike the references: callers must not reuse q/k expecting the unrotated values.
     "apply_rotary": apply_rotary,
     "qk_norm_rope": qk_norm_rope,
@@ -49,4 +49,4 @@ def install_triton_kernels(enable: bool = True) -> None:
 
 __all__ = ["apply_rotary", "decode_attention", "extend_attention", "fp8_gemm", "fp8_mlp", "fused_add_rms_norm",
            "install_triton_kernels", "paged_attention", "qk_norm_rope", "qk_norm_rope_attend", "qk_norm_rope_store_kv",
-           "rms_norm", "rope2d_qk", "scaled_add_layer_norm", "silu_and_mul", "top_p_cut", "LAYER_KERNELS"]
+           "rms_norm", "rope2d_qk", "scaled_add_layer_norm_", "silu_and_mul", "top_p_cut", "LAYER_KERNELS"]

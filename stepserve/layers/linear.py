@@ -26,6 +26,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return activate(F.linear(x, weight, bias), activation)
 
 
+@torch.library.custom_op("stepserve::add_linear_", mutates_args=("out",))
+def add_linear_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """out += x @ weight.T in one GEMM (cuBLAS adds out in its epilogue) for out [M, N], x [M, K], weight [N, K]:
+    a residual stream whose branch ends in a bias-free linear. An op, so that a compiled graph updates out in
+    place: Inductor would write the sum to a new buffer and copy it back into out, two more passes."""
+    out.addmm_(x, weight.t())
+
+
 def copy_weight(dst: torch.Tensor, src: torch.Tensor, source: str) -> None:
     """Copy checkpoint tensor `source` into `dst`; a shape mismatch, or fp8 bytes going into a wider
     parameter (which would drop their block scales), is a ModelLoadError naming the tensor."""

@@ -28,16 +28,19 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 
 @dispatched
-def scaled_add_layer_norm(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor,
-                          bias: torch.Tensor, eps: float,
-                          quantize: bool = False) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows]:
-    """(s, layer_norm(s)) for s = x + gamma * y: a pre-norm block's layer-scaled residual add and the norm after
-    it; x, y [tokens, width], gamma / weight / bias [width]. On CUDA one pass: each input read once.
+def scaled_add_layer_norm_(x: torch.Tensor, y: torch.Tensor | None, gamma: torch.Tensor | None, shift: torch.Tensor,
+                           weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                           quantize: bool = False) -> torch.Tensor | Fp8Rows:
+    """layer_norm(x + shift) after x += gamma * y in place: a pre-norm block's layer-scaled residual add (none
+    when y is None: a GEMM already added its branch to x) and the norm after it. x, y [tokens, width]; gamma,
+    weight, bias [width]; shift float32 [width], the biases the stream x holds back (`PerceptionEncoder`'s
+    folded layer scales). On CUDA one pass: each input read once, x written only when y is given.
 
     quantize: the norm feeds fp8 linears only. The CUDA kernel then returns it as `Fp8Rows`, quantized as the W8A8
     GEMM would quantize it; the reference, like `fp8_linear`'s (weight-only), returns it unquantized."""
-    s = x + gamma * y
-    return s, F.layer_norm(s, s.shape[-1:], weight, bias, eps)
+    if y is not None:
+        x.add_(gamma * y)
+    return F.layer_norm(x.float() + shift, x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -144,19 +144,21 @@ def test_fp8_mlp_applies_the_first_bias_and_gelu_in_the_quantization(m):
 
 @pytest.mark.parametrize("rows", [1, 37, 2704])
 def test_layer_norm_quantizes_for_the_fp8_linears(rows):
-    """scaled_add_layer_norm(quantize=True) hands the vision tower's fp8 linears the codes and scales their own
+    """scaled_add_layer_norm_(quantize=True) hands the vision tower's fp8 linears the codes and scales their own
     quantization of the bf16 norm makes, bit for bit, so qkv and the MLP compute what they computed before
     (1 row: the skinny path reads the dequantized rows, weight-only)."""
     from stepserve.kernels.fp8_gemm import fp8_gemm, fp8_mlp, quantize_groups
-    from stepserve.kernels.layer_norm import scaled_add_layer_norm
+    from stepserve.kernels.layer_norm import scaled_add_layer_norm_
 
     g = torch.Generator(device=DEV).manual_seed(rows)
     x, y = (torch.randn(rows, 1536, device=DEV, generator=g, dtype=torch.bfloat16) for _ in range(2))
     gamma, weight, bias = (torch.randn(1536, device=DEV, generator=g, dtype=torch.bfloat16) for _ in range(3))
-    s, h = scaled_add_layer_norm(x, y, gamma, weight, bias, 1e-5)
-    s_q, hq = scaled_add_layer_norm(x, y, gamma, weight, bias, 1e-5, quantize=True)
+    shift = torch.randn(1536, device=DEV, generator=g)
+    x_q = x.clone()
+    h = scaled_add_layer_norm_(x, y, gamma, shift, weight, bias, 1e-5)
+    hq = scaled_add_layer_norm_(x_q, y, gamma, shift, weight, bias, 1e-5, quantize=True)
     q, scales = quantize_groups(h, -(-rows // 4) * 4)
-    assert torch.equal(s_q, s) and hq.rows == rows and hq.dtype == torch.bfloat16
+    assert torch.equal(x_q, x) and hq.rows == rows and hq.dtype == torch.bfloat16
     assert torch.equal(hq.q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(hq.scales, scales)
     qkv, qkv_b = _weights(4608, 1536, g), torch.randn(4608, device=DEV, generator=g, dtype=torch.bfloat16)
     fc, proj = _weights(8960, 1536, g), _weights(1536, 8960, g)
@@ -269,6 +271,8 @@ def test_compiled_vision_tower_with_fp8_linears():
     with torch.device(DEV), dtype_scope(torch.bfloat16):
         plain = PerceptionEncoder(cfg)
     init_dummy_weights(plain)  # the same draws, unquantized
+    tower.fold_layer_scales()
+    plain.fold_layer_scales()
     # qkv, c_fc, c_proj per block (online); both norms come quantized for them.
     assert sum(isinstance(m, Fp8Linear) for m in tower.modules()) == 3 * 3
     assert all(block.fp8_norms == (True, True) for block in tower.transformer.resblocks)

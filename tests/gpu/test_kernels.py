@@ -529,16 +529,21 @@ def test_linear_gelu_at_vision_mlp_size(M, fast):
 
 
 @pytest.mark.parametrize("M", [20960, 1296, 3])
-def test_scaled_add_layer_norm_at_vision_width(M):
-    """The vision blocks' residual add + LayerNorm at width 1536 vs float32 (the sum rounded once to bf16)."""
-    from stepserve.kernels.layer_norm import scaled_add_layer_norm
+@pytest.mark.parametrize("add", [True, False])
+def test_scaled_add_layer_norm_at_vision_width(M, add):
+    """The vision blocks' residual add + LayerNorm at width 1536 vs float32 (the sum rounded once to bf16, in
+    place), and the norm alone of a stream its GEMM already added to; both after the held-back biases."""
+    from stepserve.kernels.layer_norm import scaled_add_layer_norm_
 
     x, y = torch.randn(2, M, 1536, device=DEV, dtype=torch.bfloat16).unbind(0)
     gamma, weight, bias = torch.randn(3, 1536, device=DEV, dtype=torch.bfloat16).unbind(0)
-    s, h = scaled_add_layer_norm(x, y * 4, gamma, weight, bias, 1e-5)
-    ref_s, ref_h = norm_ref.scaled_add_layer_norm.reference(x.float(), (y * 4).float(), gamma.float(),
-                                                           weight.float(), bias.float(), 1e-5)
-    assert _rel_err(s, ref_s) < 4e-3 and _rel_err(h, ref_h) < 8e-3
+    shift = torch.randn(1536, device=DEV)
+    y = y * 4 if add else None
+    ref_x = x.float()
+    ref_h = norm_ref.scaled_add_layer_norm_.reference(ref_x, None if y is None else y.float(), gamma.float(), shift,
+                                                      weight.float(), bias.float(), 1e-5)
+    h = scaled_add_layer_norm_(x, y, gamma, shift, weight, bias, 1e-5)
+    assert _rel_err(x, ref_x) < 4e-3 and _rel_err(h, ref_h) < 8e-3
 
 
 @pytest.mark.parametrize("tokens", [20960, 1296, 5])
@@ -561,8 +566,10 @@ def test_rope2d_qk_at_vision_shapes(tokens):
 
 def test_compiled_vision_block_takes_the_fused_kernels():
     """A vision block compiled (as the tower's are) with the kernels installed: c_fc is the GEMM with quick-GELU,
-    both residual adds + norms the one-pass kernel and the rotary of q and k one kernel, opaque ops in one graph, and the block's two outputs
-    match the eager reference path (cuBLAS, quick-GELU, torch's layer norm)."""
+    out_proj and c_proj add their branches to the stream in their GEMMs, in place (`vision_attention_add_`,
+    `add_linear_`), both norms are the one-pass kernel (the first also adding the block before's MLP output) and
+    the rotary of q and k one kernel, opaque ops in one graph; what the block adds to the stream matches the eager
+    reference path (cuBLAS, quick-GELU, torch's layer norm)."""
     from stepserve.kernels import install_triton_kernels
     from stepserve.models.configs import VisionConfig
     from stepserve.models.perception_encoder import VisionBlock
@@ -575,10 +582,11 @@ def test_compiled_vision_block_takes_the_fused_kernels():
         torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
     x, y = torch.randn(2, 2 * 1296, cfg.width, device=DEV, dtype=torch.bfloat16).unbind(0)
     angles = torch.rand(2 * 1296, cfg.head_dim // 2, device=DEV) * 30
-    args = (x, y, block.ls_2.gamma, angles.cos()[:, None], angles.sin()[:, None], torch.tensor([[2, 1296]]), None,
+    args = (y, block.ls_2.gamma, angles.cos()[:, None], angles.sin()[:, None], torch.tensor([[2, 1296]]), None,
             "auto")
     with torch.no_grad():
-        ref = block(*args)
+        want = x.clone()
+        assert block(want, *args) is None
     graphs = []
 
     def capture(gm, example_inputs):
@@ -589,26 +597,26 @@ def test_compiled_vision_block_takes_the_fused_kernels():
     try:
         with torch.no_grad():  # the ops have no backward (the engine runs the model without autograd too)
             torch._dynamo.reset()
-            torch.compile(block, backend=capture, fullgraph=True, dynamic=True)(*args)
+            torch.compile(block, backend=capture, fullgraph=True, dynamic=True)(x.clone(), *args)
             torch._dynamo.reset()
-            out = torch.compile(block, fullgraph=True, dynamic=True)(*args)
+            got = x.clone()
+            assert torch.compile(block, fullgraph=True, dynamic=True)(got, *args) is None
     finally:
         install_triton_kernels(False)
     targets = [str(n.target) for gm in graphs for n in gm.graph.nodes]
-    assert any("linear_quick_gelu" in t for t in targets), targets
-    assert sum("scaled_add_layer_norm" in t for t in targets) == 2, targets
-    assert sum("rope2d_qk" in t for t in targets) == 1, targets
-    for got, want in zip(out, ref):
-        assert _rel_err(got, want) < 1e-2
+    for op, count in (("linear_quick_gelu", 1), ("scaled_add_layer_norm_", 2), ("rope2d_qk", 1),
+                      ("vision_attention_add_", 1), ("add_linear_", 1)):
+        assert sum(op in t for t in targets) == count, (op, targets)
+    assert _rel_err(got - x, want - x) < 1e-2
 
 
 @pytest.mark.parametrize("head_dim", [96, 64])
 def test_flash_attention4_vision_attention_matches_per_sequence_attention(head_dim):
     """The tower's attention op through FlashAttention-4 (one varlen launch) against the same op in float32
     math: the global views' and the crops' sequences back to back, v a strided view of the qkv GEMM's output as
-    in the tower, out_proj applied. Needs the `fa4` extra."""
+    in the tower; with out_proj adding it to the stream, and without. Needs the `fa4` extra."""
     from stepserve.layers import flash_attention4
-    from stepserve.models.perception_encoder import vision_attention
+    from stepserve.models.perception_encoder import vision_attention, vision_attention_add_
 
     if not flash_attention4.available(torch.device(DEV)):
         pytest.skip("needs the fa4 extra on a Hopper GPU")
@@ -620,7 +628,10 @@ def test_flash_attention4_vision_attention_matches_per_sequence_attention(head_d
     q, k, v = qkv.unbind(1)
     q, k = q.contiguous(), k.contiguous()
     weight = torch.randn(heads * head_dim, heads * head_dim, device=DEV, dtype=torch.bfloat16) / 40
-    bias = torch.randn(heads * head_dim, device=DEV, dtype=torch.bfloat16)
-    got = vision_attention(q, k, v, groups, cu, "fa4", weight, bias)
-    want = vision_attention(q.float(), k.float(), v.float(), groups, None, "math", weight.float(), bias.float())
-    assert _rel_err(got, want) < 1e-2
+    stream = torch.randn(sum(lens), heads * head_dim, device=DEV, dtype=torch.bfloat16)
+    got, want = stream.clone(), stream.float()
+    vision_attention_add_(q, k, v, groups, cu, "fa4", weight, got)
+    vision_attention_add_(q.float(), k.float(), v.float(), groups, None, "math", weight.float(), want)
+    assert _rel_err(got - stream, want - stream.float()) < 1e-2
+    assert _rel_err(vision_attention(q, k, v, groups, cu, "fa4"),
+                    vision_attention(q.float(), k.float(), v.float(), groups, None, "math")) < 1e-2
